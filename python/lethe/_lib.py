@@ -1,0 +1,40 @@
+"""Loading of the compiled library lethe._C. Import never fails: without it, lethe warns once and
+the ops run their pure-PyTorch reference."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_C = None
+load_error: str | None = None
+try:
+    from lethe import _C  # noqa: F811  (loading the library registers the ops)
+except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
+    load_error = f"{type(e).__name__}: {e}"
+    warnings.warn(
+        f"lethe: the compiled library could not be loaded ({load_error}); "
+        "every op runs its pure-PyTorch reference. Rebuild with "
+        "`pip install --no-build-isolation -e .` (see README).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def build_info() -> dict:
+    if _C is None:
+        return {"cpu": False, "cuda": False, "cuda_archs": "", "error": load_error}
+    info = dict(_C.build_info())
+    info["cpu"] = True
+    return info
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the compiled library registered lethe::<op> for a dispatch key ("CPU", "CUDA")."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lethe::{op}", dispatch_key)

@@ -1,0 +1,211 @@
+"""quant family: INT-k / NF4 fake quantisation with a straight-through estimator.
+
+Public entry: fake_quantize(x, preset, ...). The op itself, lethe::fake_quantize, works on
+contiguous groups of group_size elements; this layer turns a user's granularity (per-tensor,
+per-row, groups along the last dimension) and preset into those arguments, checks them, picks the
+backend and wires autograd (straight-through: identity, or clipped to the unclamped codes).
+
+Non-finite input: a group (row, block, or the whole tensor, by granularity) that holds an Inf or a
+NaN quantises to NaN throughout, since its scale is not finite; under ste="clipped" its gradient is
+zero, under ste="identity" the gradient passes unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+
+from lethe import _lib
+from lethe.ops import _backend
+from lethe.ops.quant_reference import fake_quantize_reference
+
+__all__ = ["QuantSpec", "PRESETS", "quant_spec", "fake_quantize"]
+
+GRANULARITIES = ("tensor", "row", "group")
+CODEBOOKS = {"int": 0, "nf4": 1}
+SCALE_RULES = ("qmax", "qmax+0.5")
+STES = ("identity", "clipped")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What a fake quantiser does.
+
+    bits: 2..8 (4 for nf4). granularity: "tensor", "row" (each slice along the last dimension) or
+    "group" (runs of group_size along the last dimension). symmetric: absmax scaling with codes in
+    [-2^(b-1), 2^(b-1)-1], else min/max with a zero point and codes in [0, 2^b-1]. scale_rule
+    (symmetric only): "qmax" = absmax / (2^(b-1)-1) (DurableUn's absmax/7 at 4 bits) or
+    "qmax+0.5" = absmax / (2^(b-1)-0.5) (torchao's absmax/7.5), or a positive divisor.
+    codebook: "int" (uniform) or "nf4" (the 16 NF4 levels, absmax scaling)."""
+
+    bits: int = 4
+    granularity: str = "group"
+    group_size: Optional[int] = 128
+    symmetric: bool = True
+    scale_rule: Union[str, float] = "qmax"
+    codebook: str = "int"
+
+    def __post_init__(self):
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {tuple(CODEBOOKS)}, got {self.codebook!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise TypeError(f"bits must be an int, got {type(self.bits).__name__}")
+        if self.codebook == "nf4" and self.bits != 4:
+            raise ValueError(f"bits must be 4 for the nf4 codebook, got {self.bits}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in [2, 8], got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive int for granularity='group', got {self.group_size!r}")
+        if isinstance(self.scale_rule, str):
+            if self.scale_rule not in SCALE_RULES:
+                raise ValueError(f"scale_rule must be one of {SCALE_RULES} or a positive number, got {self.scale_rule!r}")
+        elif not (isinstance(self.scale_rule, (int, float)) and 0 < float(self.scale_rule) < float("inf")):
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES} or a positive number, got {self.scale_rule!r}")
+
+    @property
+    def scale_div(self) -> float:
+        if self.codebook == "nf4" or not self.symmetric:
+            return 1.0
+        qmax = 2 ** (self.bits - 1) - 1
+        if self.scale_rule == "qmax":
+            return float(qmax)
+        if self.scale_rule == "qmax+0.5":
+            return qmax + 0.5
+        return float(self.scale_rule)
+
+    def group_length(self, x: torch.Tensor) -> int:
+        """Length of the contiguous groups the op works on, for a tensor shaped like x."""
+        last = x.shape[-1] if x.dim() > 0 else 1
+        if self.granularity == "tensor":
+            return max(x.numel(), 1)
+        if self.granularity == "row":
+            return max(last, 1)
+        if last % self.group_size != 0:
+            raise ValueError(
+                f"group_size={self.group_size} must divide the last dimension of x "
+                f"(shape {tuple(x.shape)})"
+            )
+        return self.group_size
+
+
+PRESETS = {
+    # DurableUn "paper" preset: symmetric per-row absmax/7, codes in [-8, 7].
+    "paper-int4": QuantSpec(bits=4, granularity="row", group_size=None, symmetric=True, scale_rule="qmax"),
+    # torchao convention: groups of 128, absmax/7.5.
+    "int4-g128": QuantSpec(bits=4, granularity="group", group_size=128, symmetric=True, scale_rule="qmax+0.5"),
+    "int4-g128-asym": QuantSpec(bits=4, granularity="group", group_size=128, symmetric=False),
+    "nf4-b64": QuantSpec(bits=4, granularity="group", group_size=64, codebook="nf4"),
+    "int8": QuantSpec(bits=8, granularity="tensor", group_size=None, symmetric=True, scale_rule="qmax"),
+}
+
+
+def quant_spec(preset: Union[str, QuantSpec, None] = None, **overrides) -> QuantSpec:
+    """A QuantSpec from a preset name (see PRESETS) or spec, with fields overridden by keyword."""
+    if preset is None:
+        base = QuantSpec()
+    elif isinstance(preset, QuantSpec):
+        base = preset
+    elif isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} or a QuantSpec, got {preset!r}")
+        base = PRESETS[preset]
+    else:
+        raise TypeError(f"preset must be a str or QuantSpec, got {type(preset).__name__}")
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if not fields:
+        return base
+    unknown = set(fields) - {f.name for f in dataclasses.fields(QuantSpec)}
+    if unknown:
+        raise TypeError(f"unknown quantisation arguments: {sorted(unknown)}")
+    if fields.get("granularity") == "group" and "group_size" not in fields and base.group_size is None:
+        raise ValueError("group_size is required for granularity='group'")
+    return dataclasses.replace(base, **fields)
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"x must be a float32, float16 or bfloat16 tensor, got {x.dtype}"
+            + (" (integer and complex tensors cannot be fake-quantised)" if not x.is_floating_point() else "")
+        )
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    preset: Union[str, QuantSpec, None] = None,
+    *,
+    bits: Optional[int] = None,
+    granularity: Optional[str] = None,
+    group_size: Optional[int] = None,
+    symmetric: Optional[bool] = None,
+    scale_rule: Union[str, float, None] = None,
+    codebook: Optional[str] = None,
+    ste: str = "identity",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Quantise and dequantise x in one pass; backward is a straight-through estimator.
+
+    preset: one of "paper-int4", "int4-g128", "int4-g128-asym", "nf4-b64", "int8", or a QuantSpec;
+    keyword arguments override its fields (see QuantSpec). ste: "identity" passes the gradient
+    unchanged; "clipped" zeroes it where the code was clamped to the integer range.
+    backend: "auto" (default, or LETHE_BACKEND), "native", "triton" or "reference".
+    Rounding is half to even; the result has x's dtype and shape, computed in fp32."""
+    _check_x(x)
+    if ste not in STES:
+        raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+    spec = quant_spec(preset, bits=bits, granularity=granularity, group_size=group_size,
+                      symmetric=symmetric, scale_rule=scale_rule, codebook=codebook)
+    L = spec.group_length(x)
+    args = (L, spec.bits, CODEBOOKS[spec.codebook], spec.symmetric, spec.scale_div)
+    which = _backend.resolve("fake_quantize", x, backend)
+    if which == "reference":
+        return fake_quantize_reference(x, *args, ste=ste)
+    op = torch.ops.lethe.fake_quantize if which == "native" else torch.ops.lethe.fake_quantize_triton
+    y, _ = op(x, *args, ste == "clipped")
+    return y
+
+
+# ---- registration: fake kernels and autograd for the compiled op and the Triton op ----
+
+def _fake(x, group_size, bits, codebook, symmetric, scale_div, return_mask):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mask = x.new_empty(x.shape if return_mask else (0,), dtype=torch.bool)
+    return y, mask
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.clipped = inputs[-1]
+    ctx.save_for_backward(output[1] if ctx.clipped else None)
+
+
+def _backward(ctx, grad_y, grad_mask):
+    if ctx.clipped:
+        (mask,) = ctx.saved_tensors
+        grad_y = torch.where(mask, grad_y, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device))
+    return grad_y, None, None, None, None, None, None
+
+
+if _lib.available():
+    torch.library.register_fake("lethe::fake_quantize")(_fake)
+    torch.library.register_autograd("lethe::fake_quantize", _backward, setup_context=_setup_context)
+
+if _backend.triton_available():
+
+    @torch.library.custom_op("lethe::fake_quantize_triton", mutates_args=())
+    def _fake_quantize_triton(
+        x: torch.Tensor, group_size: int, bits: int, codebook: int, symmetric: bool,
+        scale_div: float, return_mask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from lethe.triton_kernels.quant import fake_quantize as kernel
+
+        return kernel(x, group_size, bits, codebook, symmetric, scale_div, return_mask)
+
+    _fake_quantize_triton.register_fake(_fake)
+    _fake_quantize_triton.register_autograd(_backward, setup_context=_setup_context)

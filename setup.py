@@ -1,0 +1,106 @@
+"""Build of lethe's compiled library, lethe._C.
+
+Always builds the C++ CPU kernels. Also compiles and links the CUDA kernels when torch is a
+CUDA build and nvcc is found, or when forced. Environment switches:
+
+  LETHE_BUILD_CUDA       auto (default) | 0 (skip CUDA while iterating) | 1 (force; fail if impossible)
+  TORCH_CUDA_ARCH_LIST   CUDA archs, default "8.0;9.0a"
+  CUDA_HOME              toolkit root; found from nvcc when unset
+  MAX_JOBS               parallel compile jobs for ninja
+  LETHE_DEBUG            1 = -O0 -g
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _find_cuda_home():
+    """Toolkit root whose bin/ holds the real nvcc and lib64/ holds cudart.
+
+    /usr/local/bin/nvcc is often a wrapper script, so torch's own guess (its parent's parent)
+    can be wrong; follow the wrapper to the real toolkit instead."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                for tok in head.decode(errors="ignore").split():
+                    if tok.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "bin", "nvcc")) and glob.glob(
+            os.path.join(c, "lib*", "libcudart.so*")
+        ):
+            return c
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home  # must precede the import of torch's extension builder
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    mode = os.environ.get("LETHE_BUILD_CUDA", "auto").lower()
+    if mode in ("0", "off", "no", "false"):
+        return False
+    possible = torch.version.cuda is not None and _cuda_home is not None
+    if mode in ("1", "on", "yes", "true", "force"):
+        if not possible:
+            sys.exit(
+                "LETHE_BUILD_CUDA=1 but CUDA cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={_cuda_home!r}"
+            )
+        return True
+    return possible
+
+
+WITH_CUDA = _want_cuda()
+DEBUG = os.environ.get("LETHE_DEBUG", "0") == "1"
+ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"]
+
+cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
+cxx_flags += ["-fvisibility=hidden"]  # torch adds its own -std (C++20 for torch >= 2.10)
+nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"]
+define_macros = [("LETHE_CUDA_ARCHS", '"%s"' % ARCHS if WITH_CUDA else '""')]
+
+sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+ext_kwargs = dict(
+    name="lethe._C",
+    include_dirs=[os.path.join(ROOT, "csrc", "include")],
+    extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+)
+if WITH_CUDA:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    define_macros.append(("LETHE_WITH_CUDA", "1"))
+    ext = CUDAExtension(sources=sources, define_macros=define_macros, **ext_kwargs)
+else:
+    ext = CppExtension(sources=sources, define_macros=define_macros, **ext_kwargs)
+
+print(f"lethe build: CUDA={'yes (' + ARCHS + ')' if WITH_CUDA else 'no'}, CUDA_HOME={_cuda_home}")
+
+setup(
+    packages=find_packages("python") + ["lethe.triton_kernels"],
+    package_dir={"": "python", "lethe.triton_kernels": "triton_kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
