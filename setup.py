@@ -78,7 +78,7 @@ DEBUG = os.environ.get("LETHE_DEBUG", "0") == "1"
 ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"]
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
-cxx_flags += ["-fvisibility=hidden"]  # torch adds its own -std (C++20 for torch >= 2.10)
+cxx_flags += ["-fvisibility=hidden", "-ffp-contract=off"]  # torch adds its own -std (C++20 for torch >= 2.10)
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"]
 define_macros = [("LETHE_CUDA_ARCHS", '"%s"' % ARCHS if WITH_CUDA else '""')]
 
@@ -95,12 +95,23 @@ if WITH_CUDA:
 else:
     ext = CppExtension(sources=sources, define_macros=define_macros, **ext_kwargs)
 
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Objects go to build/temp, not pip's throw-away folder, so that ninja rebuilds only what
+    changed on the next `pip install --no-build-isolation -e .`."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
 print(f"lethe build: CUDA={'yes (' + ARCHS + ')' if WITH_CUDA else 'no'}, CUDA_HOME={_cuda_home}")
 
 setup(
     packages=find_packages("python") + ["lethe.triton_kernels"],
     package_dir={"": "python", "lethe.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     zip_safe=False,
 )

@@ -32,7 +32,7 @@ using quant::Stats;
 constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 16384;  // elements a task handles; also the largest fused group
 
-// Exact round-half-even for |v| < 2^22; |x / scale| is at most a few hundred here.
+// Exact round-half-even for |v| < 2^22; |x * inv| is at most a few hundred here.
 inline float rne_small(float v) {
   return (v + 12582912.0f) - 12582912.0f;
 }
@@ -66,33 +66,25 @@ LETHE_CLONES void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_
 }
 
 LETHE_CLONES void apply_int_f32(const float* x, float* y, bool* mask, int64_t n, float scale,
-                                float zp, float qmin, float qmax) {
+                                float inv, float zp, float qmin, float qmax) {
   if (mask) {
     for (int64_t i = 0; i < n; ++i) {
-      const float q = rne_small(x[i] / scale) + zp;
+      const float q = rne_small(x[i] * inv) + zp;
       const float c = q < qmin ? qmin : (q > qmax ? qmax : q);
       mask[i] = c == q;
       y[i] = (c - zp) * scale;
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float q = rne_small(x[i] / scale) + zp;
+      const float q = rne_small(x[i] * inv) + zp;
       const float c = q < qmin ? qmin : (q > qmax ? qmax : q);
       y[i] = (c - zp) * scale;
     }
   }
 }
 
-LETHE_CLONES void apply_nf4_f32(const float* x, float* y, int64_t n, float scale) {
-  static constexpr float levels[16] = LETHE_NF4_LEVELS;
-  float mids[15];
-  for (int k = 0; k < 15; ++k) mids[k] = 0.5f * (levels[k] + levels[k + 1]);
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i] / scale;
-    int code = 0;
-    for (int k = 0; k < 15; ++k) code += v > mids[k];
-    y[i] = levels[code] * scale;
-  }
+LETHE_CLONES void apply_nf4_f32(const float* x, float* y, int64_t n, float scale, float inv) {
+  for (int64_t i = 0; i < n; ++i) y[i] = quant::nf4_level(x[i] * inv) * scale;
 }
 
 Stats stats_of(const float* x, int64_t n) {
@@ -102,15 +94,15 @@ Stats stats_of(const float* x, int64_t n) {
 }
 
 void apply(const float* x, float* y, bool* mask, int64_t n, const Params& p, int64_t codebook) {
-  if (p.invalid || !(p.scale > 0.0f)) {
+  if (p.invalid || !(p.scale >= quant::kMinScale)) {
     const float v = p.invalid ? NAN : 0.0f;
     for (int64_t i = 0; i < n; ++i) y[i] = v;
     if (mask) std::memset(mask, p.invalid ? 0 : 1, n);
   } else if (codebook == quant::kNF4) {
-    apply_nf4_f32(x, y, n, p.scale);
+    apply_nf4_f32(x, y, n, p.scale, p.inv);
     if (mask) std::memset(mask, 1, n);
   } else {
-    apply_int_f32(x, y, mask, n, p.scale, p.zp, p.qmin, p.qmax);
+    apply_int_f32(x, y, mask, n, p.scale, p.inv, p.zp, p.qmin, p.qmax);
   }
 }
 

@@ -2,15 +2,17 @@
 // The arithmetic of fake quantisation, written once for the CPU and CUDA kernels.
 // Every backend (and the pure-PyTorch reference, python/lethe/ops/quant.py) follows exactly
 // these steps in fp32, so the quantised codes agree bit for bit:
-//   symmetric int:  scale = absmax / scale_div, code = clamp(rne(x / scale), -2^(b-1), 2^(b-1)-1),
-//                   y = code * scale
+//   symmetric int:  scale = absmax / scale_div, inv = 1 / scale,
+//                   code = clamp(rne(x * inv), -2^(b-1), 2^(b-1)-1), y = code * scale
 //   asymmetric int: lo = min(min x, 0), hi = max(max x, 0),
 //                   scale = (hi/2 - lo/2) / (qmax/2)          (== (hi-lo)/qmax without overflow)
-//                   zp = clamp(rne(-lo / scale), 0, qmax), code = clamp(rne(x / scale) + zp, 0, qmax),
+//                   zp = clamp(rne(-lo * inv), 0, qmax), code = clamp(rne(x * inv) + zp, 0, qmax),
 //                   y = (code - zp) * scale                   with qmax = 2^b - 1
-//   nf4:            scale = absmax, v = x / scale, code = #(NF4 midpoints < v), y = NF4[code] * scale
-// Special groups: scale == 0 (all zeros, or absmax underflowing) gives y = 0; a group holding
-// Inf or NaN gives y = NaN for the whole group and a zero clipped-STE mask.
+//   nf4:            scale = absmax, v = x * inv, code = #(NF4 midpoints < v), y = NF4[code] * scale
+// Multiplying by the reciprocal is torchao's and bitsandbytes' convention, and cheaper than a
+// division per element. Special groups: a scale below FLT_MIN (all zeros, or a subnormal absmax,
+// whose reciprocal would overflow) gives y = 0; a group holding Inf or NaN gives y = NaN for the
+// whole group and a zero clipped-STE mask.
 #include <cmath>
 #include <cstdint>
 
@@ -20,6 +22,8 @@ namespace lethe {
 namespace quant {
 
 enum Codebook : int64_t { kInt = 0, kNF4 = 1 };
+
+constexpr float kMinScale = 1.17549435e-38f;  // FLT_MIN
 
 // The 16 NF4 levels (QLoRA), and the fp32 midpoints between neighbours, 0.5f * (a + b).
 #define LETHE_NF4_LEVELS                                                                       \
@@ -50,6 +54,7 @@ LETHE_HD Stats stats_merge(Stats a, Stats b) {
 // Per-group parameters: y = (code - zp) * scale; invalid = the group held Inf/NaN.
 struct Params {
   float scale;
+  float inv;  // 1 / scale, or 0 when scale < kMinScale
   float zp;
   float qmin;
   float qmax;
@@ -61,6 +66,15 @@ LETHE_HD float rne(float v) {
   return rintf(v);
 #else
   return std::nearbyint(v);  // default rounding mode: half to even
+#endif
+}
+
+// A product that the compiler must not fuse into an FMA with a following add.
+LETHE_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // host code is built with -ffp-contract=off
 #endif
 }
 
@@ -84,10 +98,23 @@ LETHE_HD Params make_params(Stats s, int64_t bits, int64_t codebook, bool symmet
   } else {
     p.qmin = 0.0f;
     p.qmax = static_cast<float>((int64_t(1) << bits) - 1);
-    p.scale = (s.hi * 0.5f - s.lo * 0.5f) / (p.qmax * 0.5f);
-    p.zp = p.scale > 0.0f ? clampf(rne(-s.lo / p.scale), p.qmin, p.qmax) : 0.0f;
+    p.scale = (mul_rn(s.hi, 0.5f) - mul_rn(s.lo, 0.5f)) / (p.qmax * 0.5f);
+  }
+  p.inv = p.scale >= kMinScale ? 1.0f / p.scale : 0.0f;
+  if (codebook != kNF4 && !symmetric) {
+    p.zp = p.scale >= kMinScale ? clampf(rne(-s.lo * p.inv), p.qmin, p.qmax) : 0.0f;
   }
   return p;
+}
+
+// The NF4 level nearest to v (ties to the lower level): a compare-and-select chain over the fp32
+// midpoints, so that no indexed array lands in GPU local memory and the CPU loop vectorises.
+LETHE_HD float nf4_level(float v) {
+  constexpr float levels[16] = LETHE_NF4_LEVELS;
+  float level = levels[0];
+  LETHE_UNROLL
+  for (int i = 0; i < 15; ++i) level = v > 0.5f * (levels[i] + levels[i + 1]) ? levels[i + 1] : level;
+  return level;
 }
 
 // Quantise-dequantise one value; *kept is the clipped-STE mask (false where the code was clamped).
@@ -96,20 +123,15 @@ LETHE_HD float fake_quant_value(float x, const Params& p, int64_t codebook, bool
     *kept = false;
     return NAN;
   }
-  if (!(p.scale > 0.0f)) {
+  if (!(p.scale >= kMinScale)) {
     *kept = true;
     return 0.0f;
   }
   if (codebook == kNF4) {
-    const float levels[16] = LETHE_NF4_LEVELS;
-    const float v = x / p.scale;
-    int code = 0;
-LETHE_UNROLL
-    for (int i = 0; i < 15; ++i) code += v > 0.5f * (levels[i] + levels[i + 1]) ? 1 : 0;
     *kept = true;
-    return levels[code] * p.scale;
+    return nf4_level(x * p.inv) * p.scale;
   }
-  const float q = rne(x / p.scale) + p.zp;
+  const float q = rne(x * p.inv) + p.zp;
   const float code = clampf(q, p.qmin, p.qmax);
   *kept = code == q;
   return (code - p.zp) * p.scale;

@@ -28,11 +28,17 @@ def fake_quantize_codes(x, group_size, bits, codebook, symmetric, scale_div):
     finite = torch.isfinite(xf).all(dim=1, keepdim=True)
     absmax = torch.maximum(-lo, hi)
     zero = torch.zeros((), dtype=torch.float32, device=xf.device)
+
+    def reciprocal(scale):  # 1 / scale where scale >= FLT_MIN (finite), else 0
+        pos = scale >= torch.finfo(torch.float32).tiny
+        ones = torch.ones_like(scale)
+        return pos, torch.where(pos, ones / torch.where(pos, scale, ones), zero)
+
     if codebook == 1:
         scale = absmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        pos, inv = reciprocal(scale)
         levels, mids = nf4_tables(xf.device)
-        v = xf / safe
+        v = xf * inv
         code = (v.unsqueeze(-1) > mids).sum(-1)
         y = levels[code] * scale
         kept = torch.ones_like(xf, dtype=torch.bool)
@@ -41,20 +47,20 @@ def fake_quantize_codes(x, group_size, bits, codebook, symmetric, scale_div):
             qmin, qmax = -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
             scale = absmax / torch.tensor(scale_div, dtype=torch.float32, device=xf.device)
             zp = torch.zeros_like(scale)
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            pos, inv = reciprocal(scale)
         else:
             qmin, qmax = 0.0, float(2**bits - 1)
             half_q = torch.tensor(qmax * 0.5, dtype=torch.float32, device=xf.device)
             scale = (hi * 0.5 - lo * 0.5) / half_q
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            zp = torch.where(scale > 0, torch.round(-lo / safe).clamp(qmin, qmax), zero)
-        q = torch.round(xf / safe) + zp
+            pos, inv = reciprocal(scale)
+            zp = torch.where(pos, torch.round(-lo * inv).clamp(qmin, qmax), zero)
+        q = torch.round(xf * inv) + zp
         code = q.clamp(qmin, qmax)
         kept = code == q
         y = (code - zp) * scale
-    y = torch.where(scale > 0, y, zero)
+    y = torch.where(pos, y, zero)
     y = torch.where(finite, y, torch.full_like(y, float("nan")))
-    kept = torch.where(scale > 0, kept, torch.ones_like(kept)) & finite
+    kept = torch.where(pos, kept, torch.ones_like(kept)) & finite
     return y.reshape(x.shape), kept.reshape(x.shape)
 
 

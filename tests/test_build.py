@@ -1,0 +1,71 @@
+"""What was built: the compiled library loads, registers its CPU kernels, and its CUDA kernels
+whenever this machine can build them (torch with CUDA and nvcc, unless LETHE_BUILD_CUDA=0)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import lethe
+from lethe import _lib
+from lethe.ops import OPS
+
+
+def _cuda_expected() -> bool:
+    if os.environ.get("LETHE_BUILD_CUDA", "auto").lower() in ("0", "off", "no", "false"):
+        return False
+    return torch.version.cuda is not None and shutil.which("nvcc") is not None
+
+
+def test_library_loads_and_registers_cpu_kernels():
+    assert _lib.available(), _lib.load_error
+    for op in OPS.values():
+        assert _lib.has_kernel(op, "CPU"), op
+
+
+def test_cuda_kernels_registered_when_buildable():
+    info = _lib.build_info()
+    if _cuda_expected():
+        assert info["cuda"], "nvcc and a CUDA torch are here, but lethe._C was built without CUDA"
+    if info["cuda"]:
+        assert "8.0" in info["cuda_archs"] or "9.0" in info["cuda_archs"], info
+        for op in OPS.values():
+            assert _lib.has_kernel(op, "CUDA"), f"lethe::{op} has no CUDA kernel"
+    else:
+        for op in OPS.values():
+            assert not _lib.has_kernel(op, "CUDA")
+
+
+def test_info_reports_build_and_backends():
+    out = subprocess.run([sys.executable, "-m", "lethe.info"], capture_output=True, text=True, check=True).stdout
+    assert f"lethe {lethe.__version__}" in out and f"torch {torch.__version__}" in out
+    assert "compiled library: CPU yes" in out
+    for name in OPS:
+        assert f"op {name}:" in out and "cpu -> native" in out
+
+
+def test_import_without_compiled_library_warns_once_and_uses_reference(tmp_path):
+    # A copy of the Python package without the .so: import must succeed with one warning.
+    pkg = os.path.dirname(lethe.__file__)
+    shutil.copytree(pkg, tmp_path / "lethe", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (
+        "import sys, warnings\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import lethe, torch\n"
+        "    import lethe.ops\n"
+        "msgs = [str(x.message) for x in w if 'compiled library' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "x = torch.randn(4, 128, requires_grad=True)\n"
+        "y = lethe.fake_quantize(x, 'int4-g128')\n"
+        "y.sum().backward()\n"
+        "assert torch.equal(x.grad, torch.ones_like(x))\n"
+        "from lethe.ops.quant_reference import fake_quantize_codes\n"
+        "assert torch.equal(y, fake_quantize_codes(x, 128, 4, 0, True, 7.5)[0])\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

@@ -1,0 +1,294 @@
+"""Triton kernels of the quant family: fake_quantize (quantise-dequantise, optional clipped-STE mask).
+
+Follows csrc/include/lethe/quant.h step by step in fp32, bit for bit (see the comment there):
+  * the per-group divisions (scale, its reciprocal) are IEEE round-to-nearest (tl.math.div_rn:
+    div.rn.f32 on NVIDIA, numpy's division under TRITON_INTERPRET=1); a plain `/` would compile
+    to the approximate div.full.f32; elements are multiplied by the reciprocal;
+  * round-half-even is done with the exact add/subtract of 2^23 (no libdevice, so it also runs in
+    the interpreter);
+  * kernels are launched with enable_fp_fusion=False so that no product is contracted into an
+    FMA (hi*0.5 - lo*0.5 would differ for subnormal hi);
+  * finiteness is tracked from the exponent bits, never from min/max NaN semantics; Inf/NaN
+    elements are then replaced by 0 before any arithmetic (their group's output is NaN anyway).
+
+Groups are contiguous runs of group_size elements of the flattened tensor. Groups of up to
+SMALL_GROUP_MAX elements are handled whole: one program takes ROWS groups as a [ROWS, BLOCK] tile
+(stats and apply in the same program). Larger groups take three launches: partial stats per
+(group, chunk of CHUNK elements), one program per group merging its partials into the group's
+parameters (scale, zero point, invalid flag), then the apply per (group, chunk).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # the NF4 tables of the reference, when lethe is importable
+    from lethe.ops.quant_reference import nf4_tables as _nf4_tables
+except ImportError:  # file imported directly: the same fp32 values
+    _NF4_LEVELS = (
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    )  # fmt: skip
+
+    def _nf4_tables(device=None):
+        levels = torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=device)
+        return levels, (levels[:-1] + levels[1:]) * 0.5
+
+
+# Tunables, read at call time (tests lower them to exercise the large-group path at small sizes).
+SMALL_GROUP_MAX = 4096  # largest group handled whole by one program
+TILE = 4096  # elements per program on the small-group path (ROWS * BLOCK, when groups are small)
+CHUNK = 4096  # elements per program on the large-group path (power of two)
+PARTIAL_BLOCK = 1024  # partials merged per step on the large-group path (power of two)
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32: smaller scales quantise to 0
+
+
+@triton.jit
+def _rne(v):
+    # Round half to even, exact for every fp32 (|v| >= 2^23 is already an integer; NaN passes).
+    a = tl.abs(v)
+    r = (a + 8388608.0) - 8388608.0
+    r = tl.where(v < 0.0, -r, r)
+    return tl.where(a < 8388608.0, r, v)
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def _is_bad(x):
+    # Inf or NaN, from the exponent bits.
+    return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
+def _reciprocal(scale):
+    # 1 / scale where scale >= FLT_MIN (so it is finite), else 0: such groups quantise to zero.
+    pos = scale >= FLT_MIN
+    return tl.where(pos, tl.math.div_rn(1.0 + tl.zeros_like(scale), tl.where(pos, scale, 1.0)), 0.0)
+
+
+@triton.jit
+def _params(lo, hi, qmax, scale_div, CODEBOOK: tl.constexpr, SYMMETRIC: tl.constexpr):
+    # lo = min(min x, 0), hi = max(max x, 0) -> (scale, 1 / scale, zero point).
+    absmax = tl.where(-lo > hi, -lo, hi)
+    if CODEBOOK == 1:
+        scale = absmax
+    elif SYMMETRIC:
+        scale = tl.math.div_rn(absmax, scale_div + tl.zeros_like(absmax))
+    else:
+        scale = tl.math.div_rn(hi * 0.5 - lo * 0.5, qmax * 0.5 + tl.zeros_like(hi))
+    inv = _reciprocal(scale)
+    if CODEBOOK == 0 and not SYMMETRIC:
+        zp = tl.where(scale >= FLT_MIN, _clamp(_rne(-lo * inv), 0.0, qmax), 0.0)
+    else:
+        zp = tl.zeros_like(scale)
+    return scale, inv, zp
+
+
+@triton.jit
+def _apply(x, scale, inv, zp, bad, qmin, qmax, lv_ptr, md_ptr, CODEBOOK: tl.constexpr):
+    # x: fp32 values; scale/inv/zp/bad broadcast against x. Returns (y fp32, kept bool).
+    pos = scale >= FLT_MIN
+    if CODEBOOK == 1:
+        v = x * inv
+        lvl = tl.where(v > tl.load(md_ptr), tl.load(lv_ptr + 1), tl.load(lv_ptr))
+        for k in tl.static_range(1, 15):  # midpoints increase: the last one below v wins
+            lvl = tl.where(v > tl.load(md_ptr + k), tl.load(lv_ptr + k + 1), lvl)
+        y = lvl * scale
+        kept = tl.zeros_like(x) == 0.0  # all True
+    else:
+        q = _rne(x * inv) + zp
+        code = _clamp(q, qmin, qmax)
+        kept = code == q
+        y = (code - zp) * scale
+    y = tl.where(pos, y, 0.0)
+    nan = tl.full([1], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    y = tl.where(bad, nan, y)
+    kept = tl.where(bad, False, tl.where(pos, kept, True))
+    return y, kept
+
+
+@triton.jit
+def _fq_small_kernel(x_ptr, y_ptr, m_ptr, lv_ptr, md_ptr, G, L, qmin, qmax, scale_div,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, CODEBOOK: tl.constexpr,
+                     SYMMETRIC: tl.constexpr, RETURN_MASK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inb = (rows < G)[:, None] & (cols < L)[None, :]
+    offs = rows[:, None] * L + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    isbad = _is_bad(x)
+    bad = tl.max(isbad.to(tl.int32), axis=1) > 0
+    x = tl.where(isbad, 0.0, x)  # such groups give NaN anyway: keep Inf/NaN out of the arithmetic
+    lo = tl.min(x, axis=1)
+    lo = tl.where(lo < 0.0, lo, 0.0)
+    hi = tl.max(x, axis=1)
+    hi = tl.where(hi > 0.0, hi, 0.0)
+    scale, inv, zp = _params(lo, hi, qmax, scale_div, CODEBOOK, SYMMETRIC)
+    y, kept = _apply(x, scale[:, None], inv[:, None], zp[:, None], bad[:, None], qmin, qmax,
+                     lv_ptr, md_ptr, CODEBOOK)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+    if RETURN_MASK:
+        tl.store(m_ptr + offs, kept.to(tl.uint8), mask=inb)
+
+
+@triton.jit
+def _fq_stats_kernel(x_ptr, lo_ptr, hi_ptr, bad_ptr, L, C, CHUNK_: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid // C
+    c = pid % C
+    offs = tl.arange(0, CHUNK_)
+    inb = offs < L - c * CHUNK_
+    x = tl.load(x_ptr + (g * L + c * CHUNK_) + offs, mask=inb, other=0.0).to(tl.float32)
+    isbad = _is_bad(x)
+    bad = tl.max(isbad.to(tl.int32), axis=0)
+    x = tl.where(isbad, 0.0, x)
+    lo = tl.min(x, axis=0)
+    hi = tl.max(x, axis=0)
+    tl.store(lo_ptr + pid, tl.where(lo < 0.0, lo, 0.0))
+    tl.store(hi_ptr + pid, tl.where(hi > 0.0, hi, 0.0))
+    tl.store(bad_ptr + pid, bad)
+
+
+@triton.jit
+def _fq_params_kernel(lo_ptr, hi_ptr, bad_ptr, scale_ptr, zp_ptr, gbad_ptr, C, qmax, scale_div,
+                      PBLOCK: tl.constexpr, CODEBOOK: tl.constexpr, SYMMETRIC: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    base = g * C
+    lo_acc = tl.zeros([PBLOCK], tl.float32)
+    hi_acc = tl.zeros([PBLOCK], tl.float32)
+    bad_acc = tl.zeros([PBLOCK], tl.int32)
+    for c0 in range(0, C, PBLOCK):
+        idx = c0 + tl.arange(0, PBLOCK)
+        inb = idx < C
+        lo = tl.load(lo_ptr + base + idx, mask=inb, other=0.0)
+        hi = tl.load(hi_ptr + base + idx, mask=inb, other=0.0)
+        bd = tl.load(bad_ptr + base + idx, mask=inb, other=0)
+        lo_acc = tl.where(lo < lo_acc, lo, lo_acc)
+        hi_acc = tl.where(hi > hi_acc, hi, hi_acc)
+        bad_acc = bad_acc | bd
+    lo = tl.min(lo_acc, axis=0)
+    hi = tl.max(hi_acc, axis=0)
+    bad = tl.max(bad_acc, axis=0)
+    scale, inv, zp = _params(lo, hi, qmax, scale_div, CODEBOOK, SYMMETRIC)
+    tl.store(scale_ptr + g, scale)
+    tl.store(zp_ptr + g, zp)
+    tl.store(gbad_ptr + g, bad)
+
+
+@triton.jit
+def _fq_apply_kernel(x_ptr, y_ptr, m_ptr, scale_ptr, zp_ptr, gbad_ptr, lv_ptr, md_ptr, L, C,
+                     qmin, qmax, CHUNK_: tl.constexpr, CODEBOOK: tl.constexpr,
+                     RETURN_MASK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid // C
+    c = pid % C
+    offs = tl.arange(0, CHUNK_)
+    inb = offs < L - c * CHUNK_
+    start = g * L + c * CHUNK_
+    x = tl.load(x_ptr + start + offs, mask=inb, other=0.0).to(tl.float32)
+    x = tl.where(_is_bad(x), 0.0, x)
+    scale = tl.load(scale_ptr + g)
+    zp = tl.load(zp_ptr + g)
+    bad = tl.load(gbad_ptr + g) != 0
+    y, kept = _apply(x, scale, _reciprocal(scale), zp, bad, qmin, qmax, lv_ptr, md_ptr, CODEBOOK)
+    tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+    if RETURN_MASK:
+        tl.store(m_ptr + start + offs, kept.to(tl.uint8), mask=inb)
+
+
+_TABLES: dict = {}
+
+
+def _tables(device):
+    key = str(device)
+    t = _TABLES.get(key)
+    if t is None:
+        levels, mids = _nf4_tables(device)
+        t = _TABLES[key] = (levels.contiguous(), mids.contiguous())
+    return t
+
+
+def _check(x, group_size, bits, codebook, symmetric, scale_div):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if x.numel() % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide the number of elements of x ({x.numel()})")
+    if codebook not in (0, 1):
+        raise ValueError(f"codebook must be 0 (int) or 1 (nf4), got {codebook}")
+    if codebook == 1:
+        if bits != 4:
+            raise ValueError(f"bits must be 4 for the nf4 codebook, got {bits}")
+    else:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be in [2, 8], got {bits}")
+        if symmetric and not (scale_div > 0.0 and scale_div != float("inf")):
+            raise ValueError(f"scale_div must be a positive finite number, got {scale_div}")
+
+
+def fake_quantize(x: torch.Tensor, group_size: int, bits: int, codebook: int, symmetric: bool,
+                  scale_div: float, return_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, mask): y = quantise-dequantise of x (x's dtype and shape), mask = the clipped-STE mask
+    (bool, x's shape; empty unless return_mask). Same semantics as the CPU/CUDA kernels."""
+    group_size, bits, codebook = int(group_size), int(bits), int(codebook)
+    symmetric, return_mask = bool(symmetric), bool(return_mask)
+    _check(x, group_size, bits, codebook, symmetric, scale_div)
+    xc = x.detach().contiguous()
+    y = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    mask = (torch.empty(x.shape, dtype=torch.bool, device=x.device) if return_mask
+            else torch.empty(0, dtype=torch.bool, device=x.device))
+    n = xc.numel()
+    if n == 0:
+        return y, mask
+    L = group_size
+    G = n // L
+    if codebook == 1:
+        qmin, qmax = 0.0, 15.0
+    elif symmetric:
+        qmin, qmax = -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
+    else:
+        qmin, qmax = 0.0, float(2**bits - 1)
+    # scale_div rounded to fp32 once, as the other backends do (exact from here on).
+    sdiv = float(torch.tensor(float(scale_div) if codebook == 0 and symmetric else 1.0,
+                              dtype=torch.float32).item())
+    levels, mids = _tables(xc.device)
+    m_arg = mask.view(torch.uint8) if return_mask else y  # unused without return_mask
+    if L <= SMALL_GROUP_MAX:
+        block = triton.next_power_of_2(L)
+        rows = max(1, min(TILE // block, triton.next_power_of_2(G)))
+        grid = (triton.cdiv(G, rows),)
+        _fq_small_kernel[grid](
+            xc, y, m_arg, levels, mids, G, L, qmin, qmax, sdiv,
+            ROWS=rows, BLOCK=block, CODEBOOK=codebook, SYMMETRIC=symmetric,
+            RETURN_MASK=return_mask, num_warps=8 if rows * block >= 4096 else 4,
+            enable_fp_fusion=False,
+        )
+        return y, mask
+    chunk = CHUNK
+    C = triton.cdiv(L, chunk)
+    dev = xc.device
+    lo = torch.empty(G * C, dtype=torch.float32, device=dev)
+    hi = torch.empty(G * C, dtype=torch.float32, device=dev)
+    bad = torch.empty(G * C, dtype=torch.int32, device=dev)
+    scale = torch.empty(G, dtype=torch.float32, device=dev)
+    zp = torch.empty(G, dtype=torch.float32, device=dev)
+    gbad = torch.empty(G, dtype=torch.int32, device=dev)
+    warps = 8 if chunk >= 4096 else 4
+    _fq_stats_kernel[(G * C,)](xc, lo, hi, bad, L, C, CHUNK_=chunk, num_warps=warps,
+                               enable_fp_fusion=False)
+    _fq_params_kernel[(G,)](lo, hi, bad, scale, zp, gbad, C, qmax, sdiv, PBLOCK=PARTIAL_BLOCK,
+                            CODEBOOK=codebook, SYMMETRIC=symmetric, num_warps=4,
+                            enable_fp_fusion=False)
+    _fq_apply_kernel[(G * C,)](xc, y, m_arg, scale, zp, gbad, levels, mids, L, C, qmin, qmax,
+                               CHUNK_=chunk, CODEBOOK=codebook, RETURN_MASK=return_mask,
+                               num_warps=warps, enable_fp_fusion=False)
+    return y, mask
