@@ -79,6 +79,12 @@ ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"]
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
 cxx_flags += ["-fvisibility=hidden", "-ffp-contract=off"]  # torch adds its own -std (C++20 for torch >= 2.10)
+link_flags = []
+if sys.platform.startswith("linux"):
+    # at::parallel_for's OpenMP backend is inline in ATen's headers: without -fopenmp here it
+    # silently runs on one thread.
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"]
 define_macros = [("LETHE_CUDA_ARCHS", '"%s"' % ARCHS if WITH_CUDA else '""')]
 
@@ -87,6 +93,7 @@ ext_kwargs = dict(
     name="lethe._C",
     include_dirs=[os.path.join(ROOT, "csrc", "include")],
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    extra_link_args=link_flags,
 )
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <pybind11/pybind11.h>
 
+#include "lethe/cpu_alloc.h"
+
 #ifndef LETHE_CUDA_ARCHS
 #define LETHE_CUDA_ARCHS ""
 #endif
@@ -24,4 +26,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+  m.def("cpu_cache_stats", [] {
+    const auto s = lethe::cpu_cache_stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cached_buffers"] = s.cached_buffers;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["limit_bytes"] = s.limit_bytes;
+    return d;
+  });
+  m.def("cpu_cache_release", [] { lethe::cpu_cache_release(); });
 }

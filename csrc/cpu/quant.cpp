@@ -7,13 +7,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cstring>
 #include <vector>
 
 #include "lethe/checks.h"
+#include "lethe/cpu_alloc.h"
 #include "lethe/quant.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
@@ -22,6 +22,7 @@
 #else
 #define LETHE_CLONES
 #endif
+#define LETHE_INLINE inline __attribute__((always_inline))
 
 namespace lethe {
 namespace {
@@ -37,35 +38,64 @@ inline float rne_small(float v) {
   return (v + 12582912.0f) - 12582912.0f;
 }
 
-LETHE_CLONES void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_out,
+#if defined(__GNUC__)
+// GCC/Clang vector extensions: one source, lowered to zmm, 2 x ymm or 4 x xmm per clone. Plain
+// lane arrays left the min/max reduction scalar (GCC will not reorder a float min reduction).
+typedef float F16v __attribute__((vector_size(64)));
+typedef int32_t I16v __attribute__((vector_size(64)));
+
+LETHE_INLINE void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_out,
                             bool* finite_out) {
-  float lo[kLanes], hi[kLanes];
-  uint32_t bad[kLanes];
-  for (int j = 0; j < kLanes; ++j) lo[j] = hi[j] = 0.0f, bad[j] = 0;
+  F16v lo = {}, hi = {};
+  I16v bad = {};
+  const I16v expo = I16v{} + 0x7f800000;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float v = x[i + j];
-      uint32_t b;
-      std::memcpy(&b, &v, 4);
-      bad[j] |= (b & 0x7f800000u) == 0x7f800000u;
-      lo[j] = v < lo[j] ? v : lo[j];
-      hi[j] = v > hi[j] ? v : hi[j];
-    }
+    F16v v;
+    std::memcpy(&v, x + i, sizeof(v));
+    I16v b;
+    std::memcpy(&b, &v, sizeof(b));
+    bad |= (b & expo) == expo;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
   }
-  Stats s = quant::stats_init();
+  // halve the 16 lanes four times, then the scalar tail
+  F16v t;
+  t = __builtin_shufflevector(lo, lo, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  lo = t < lo ? t : lo;
+  t = __builtin_shufflevector(lo, lo, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  lo = t < lo ? t : lo;
+  t = __builtin_shufflevector(lo, lo, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  lo = t < lo ? t : lo;
+  t = __builtin_shufflevector(hi, hi, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  hi = t > hi ? t : hi;
+  t = __builtin_shufflevector(hi, hi, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  hi = t > hi ? t : hi;
+  t = __builtin_shufflevector(hi, hi, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  hi = t > hi ? t : hi;
+  I16v u = __builtin_shufflevector(bad, bad, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  bad |= u;
+  u = __builtin_shufflevector(bad, bad, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  bad |= u;
+  u = __builtin_shufflevector(bad, bad, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  bad |= u;
+  Stats s{lo[0] < lo[1] ? lo[0] : lo[1], hi[0] > hi[1] ? hi[0] : hi[1], !(bad[0] | bad[1])};
   for (; i < n; ++i) quant::stats_add(s, x[i]);
-  for (int j = 0; j < kLanes; ++j) {
-    s.lo = lo[j] < s.lo ? lo[j] : s.lo;
-    s.hi = hi[j] > s.hi ? hi[j] : s.hi;
-    s.finite = s.finite && !bad[j];
-  }
   *lo_out = s.lo;
   *hi_out = s.hi;
   *finite_out = s.finite;
 }
+#else
+inline void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_out, bool* finite_out) {
+  Stats s = quant::stats_init();
+  for (int64_t i = 0; i < n; ++i) quant::stats_add(s, x[i]);
+  *lo_out = s.lo;
+  *hi_out = s.hi;
+  *finite_out = s.finite;
+}
+#endif
 
-LETHE_CLONES void apply_int_f32(const float* x, float* y, bool* mask, int64_t n, float scale,
+LETHE_INLINE void apply_int_f32(const float* x, float* y, bool* mask, int64_t n, float scale,
                                 float inv, float zp, float qmin, float qmax) {
   if (mask) {
     for (int64_t i = 0; i < n; ++i) {
@@ -83,17 +113,18 @@ LETHE_CLONES void apply_int_f32(const float* x, float* y, bool* mask, int64_t n,
   }
 }
 
-LETHE_CLONES void apply_nf4_f32(const float* x, float* y, int64_t n, float scale, float inv) {
+LETHE_INLINE void apply_nf4_f32(const float* x, float* y, int64_t n, float scale, float inv) {
   for (int64_t i = 0; i < n; ++i) y[i] = quant::nf4_level(x[i] * inv) * scale;
 }
 
-Stats stats_of(const float* x, int64_t n) {
+LETHE_INLINE Stats stats_of(const float* x, int64_t n) {
   Stats s;
   stats_f32(x, n, &s.lo, &s.hi, &s.finite);
   return s;
 }
 
-void apply(const float* x, float* y, bool* mask, int64_t n, const Params& p, int64_t codebook) {
+LETHE_INLINE void apply(const float* x, float* y, bool* mask, int64_t n, const Params& p,
+                         int64_t codebook) {
   if (p.invalid || !(p.scale >= quant::kMinScale)) {
     const float v = p.invalid ? NAN : 0.0f;
     for (int64_t i = 0; i < n; ++i) y[i] = v;
@@ -104,6 +135,22 @@ void apply(const float* x, float* y, bool* mask, int64_t n, const Params& p, int
   } else {
     apply_int_f32(x, y, mask, n, p.scale, p.inv, p.zp, p.qmin, p.qmax);
   }
+}
+
+// Entry points, one clone per vector ISA, each with the loops above inlined.
+LETHE_CLONES void groups_f32(const float* x, float* y, bool* mask, int64_t G, int64_t L,
+                             int64_t bits, int64_t codebook, bool symmetric, float scale_div) {
+  for (int64_t g = 0; g < G; ++g) {
+    const Params p = quant::make_params(stats_of(x + g * L, L), bits, codebook, symmetric, scale_div);
+    apply(x + g * L, y + g * L, mask ? mask + g * L : nullptr, L, p, codebook);
+  }
+}
+
+LETHE_CLONES Stats chunk_stats_f32(const float* x, int64_t n) { return stats_of(x, n); }
+
+LETHE_CLONES void chunk_apply_f32(const float* x, float* y, bool* mask, int64_t n, Params p,
+                                  int64_t codebook) {
+  apply(x, y, mask, n, p, codebook);
 }
 
 // Float views of a span of a possibly reduced-precision tensor: zero-copy for float32.
@@ -144,15 +191,15 @@ void fake_quantize_impl(const scalar_t* x, scalar_t* y, bool* mask, int64_t nume
                         int64_t bits, int64_t codebook, bool symmetric, float scale_div) {
   const int64_t G = numel / L;
   if (L <= kChunk) {
-    at::parallel_for(0, G, std::max<int64_t>(1, kChunk / L), [&](int64_t g0, int64_t g1) {
+    const int64_t block = std::max<int64_t>(1, kChunk / L);  // groups converted at a time
+    at::parallel_for(0, G, block, [&](int64_t g0, int64_t g1) {
       F32Span<scalar_t> in;
       F32Out<scalar_t> out;
-      for (int64_t g = g0; g < g1; ++g) {
-        const float* xf = in.load(x + g * L, L);
-        float* yf = out.target(y + g * L, L);
-        const Params p = quant::make_params(stats_of(xf, L), bits, codebook, symmetric, scale_div);
-        apply(xf, yf, mask ? mask + g * L : nullptr, L, p, codebook);
-        out.store(y + g * L, L);
+      for (int64_t b = g0; b < g1; b += block) {
+        const int64_t nb = std::min(block, g1 - b), n = nb * L, start = b * L;
+        groups_f32(in.load(x + start, n), out.target(y + start, n), mask ? mask + start : nullptr,
+                   nb, L, bits, codebook, symmetric, scale_div);
+        out.store(y + start, n);
       }
     });
     return;
@@ -164,7 +211,7 @@ void fake_quantize_impl(const scalar_t* x, scalar_t* y, bool* mask, int64_t nume
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / C, c = t % C, start = g * L + c * kChunk;
       const int64_t n = std::min(kChunk, L - c * kChunk);
-      partial[t] = stats_of(in.load(x + start, n), n);
+      partial[t] = chunk_stats_f32(in.load(x + start, n), n);
     }
   });
   std::vector<Params> params(G);
@@ -179,8 +226,8 @@ void fake_quantize_impl(const scalar_t* x, scalar_t* y, bool* mask, int64_t nume
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / C, c = t % C, start = g * L + c * kChunk;
       const int64_t n = std::min(kChunk, L - c * kChunk);
-      apply(in.load(x + start, n), out.target(y + start, n), mask ? mask + start : nullptr, n,
-            params[g], codebook);
+      chunk_apply_f32(in.load(x + start, n), out.target(y + start, n),
+                      mask ? mask + start : nullptr, n, params[g], codebook);
       out.store(y + start, n);
     }
   });
@@ -193,9 +240,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
   check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div);
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  at::Tensor mask = return_mask ? at::empty(x.sizes(), x.options().dtype(at::kBool))
-                                : at::empty({0}, x.options().dtype(at::kBool));
+  at::Tensor y = cached_empty(x.sizes(), x.scalar_type());
+  at::Tensor mask = cached_empty(return_mask ? x.sizes() : at::IntArrayRef{0}, at::kBool);
   if (x.numel() == 0) return {y, mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_cpu",
                                   [&] {

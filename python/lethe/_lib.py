@@ -38,3 +38,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if _C is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lethe::{op}", dispatch_key)
+
+
+def cpu_cache_info() -> dict:
+    """The cache of large CPU output buffers: cached bytes and buffers, hits, misses, limit."""
+    return dict(_C.cpu_cache_stats()) if _C is not None else {}
+
+
+def empty_cpu_cache() -> None:
+    """Free the CPU output buffers the cache holds (those of live tensors are untouched)."""
+    if _C is not None:
+        _C.cpu_cache_release()

@@ -64,7 +64,7 @@ def unlearn(model, forget, retain, steps, lr, saf_alpha=0.0, saf_preset="int4-g1
 
 
 def run(subjects=2048, answers=64, forget_size=128, seed=0, train_steps=600, unlearn_steps=40,
-        unlearn_lr=3e-4, saf_alpha=1.0, out=print) -> dict:
+        unlearn_lr=1e-3, saf_alpha=1.0, saf_preset="int4-g128", out=print) -> dict:
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -84,14 +84,22 @@ def run(subjects=2048, answers=64, forget_size=128, seed=0, train_steps=600, unl
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out(f"  trained: forget acc {accuracy(base, *forget):.2f}, retain acc {accuracy(base, *retain):.2f}")
+    # Released as an INT4 checkpoint: the weights sit on the int4-g128 grid, as after loading a
+    # quantised release (or merging into one). Updates smaller than half a step then vanish
+    # when the unlearned model is quantised again.
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() >= 2:
+                p.copy_(lethe.fake_quantize(p, saf_preset))
+    out(f"  trained and stored at {saf_preset}: forget acc {accuracy(base, *forget):.2f}, "
+        f"retain acc {accuracy(base, *retain):.2f}")
 
     results = {}
     for name, alpha in (("GradDiff", 0.0), ("DurableUn-SAF", saf_alpha)):
         model = FactModel(subjects, answers)
         model.load_state_dict(base.state_dict())
         out(f"  unlearning with {name} ({unlearn_steps} Adam steps, lr {unlearn_lr}) ...")
-        unlearn(model, forget, retain, unlearn_steps, unlearn_lr, saf_alpha=alpha, log=out)
+        unlearn(model, forget, retain, unlearn_steps, unlearn_lr, saf_alpha=alpha, saf_preset=saf_preset, log=out)
         row = {"fp32": (accuracy(model, *forget), accuracy(model, *retain))}
         for preset in PRESETS:
             with lethe.quantized_weights(model, preset):
