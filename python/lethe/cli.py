@@ -12,7 +12,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="quantisation-recovery demo on a tiny model built on the spot")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--unlearn-steps", type=int, default=40)
-    d.add_argument("--unlearn-lr", type=float, default=3e-4)
+    d.add_argument("--unlearn-lr", type=float, default=1e-3)
     d.add_argument("--saf-alpha", type=float, default=1.0)
     a = p.parse_args(argv)
     if a.cmd == "info":

@@ -125,7 +125,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unlearn-steps", type=int, default=40)
-    p.add_argument("--unlearn-lr", type=float, default=3e-4)
+    p.add_argument("--unlearn-lr", type=float, default=1e-3)
     p.add_argument("--saf-alpha", type=float, default=1.0)
     a = p.parse_args(argv)
     run(seed=a.seed, unlearn_steps=a.unlearn_steps, unlearn_lr=a.unlearn_lr, saf_alpha=a.saf_alpha)
