@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS_STAMP := $(VENV)/.deps-$(subst =,-,$(TORCH_SPEC))
+DEPS_STAMP := $(VENV)/.deps2-$(subst =,-,$(TORCH_SPEC))
 BUILD_STAMP := build/.built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
@@ -20,7 +20,7 @@ $(PY):
 
 $(DEPS_STAMP): $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install "$(TORCH_SPEC)" numpy ninja pytest pytest-benchmark
+	$(PY) -m pip install "$(TORCH_SPEC)" numpy ninja pytest pytest-benchmark transformers
 	touch $@
 
 deps: $(DEPS_STAMP)

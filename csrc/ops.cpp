@@ -7,4 +7,32 @@ TORCH_LIBRARY(lethe, m) {
   // integer, 1 = NF4. Returns (y, mask); mask (clipped STE) is empty unless return_mask.
   m.def("fake_quantize(Tensor x, int group_size, int bits, int codebook, bool symmetric, "
         "float scale_div, bool return_mask) -> (Tensor, Tensor)");
+
+  // shred: SHRED's teacher pass, selection, demotion and the demoted top-K KL (see
+  // python/lethe/ops/shred_reference.py for the definitions).
+  // Teacher pass fused with the LM head, chunk_size tokens at a time: top-K ids (int64, by logit
+  // descending, ties by id), their log-probs and the label's log-prob (0 where label == -100).
+  m.def("teacher_topk(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int k, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // Per row of [B,T]: the ceil(fraction * n) lowest label log-probs among valid positions after
+  // the first `skip` valid ones (ties: earlier position first). Returns a bool mask.
+  m.def("select_forget_positions(Tensor label_logprob, Tensor labels, float fraction, int skip) "
+        "-> Tensor");
+  // Target probs over the top-K: renormalised teacher probs, with the label (variant 0 = A) or
+  // also the teacher's top-p nucleus (variant 1 = B) zeroed at forget positions.
+  m.def("demote_targets(Tensor topk_ids, Tensor topk_logprobs, Tensor labels, Tensor forget_mask, "
+        "int variant, float top_p) -> Tensor");
+  // Per-position row_weight * KL(q || softmax(z)) [N] fp32 and the log-normaliser used [N] fp32
+  // (full vocabulary, or the K target ids when full_normalize is false).
+  m.def("topk_kl(Tensor logits, Tensor target_ids, Tensor target_probs, Tensor? row_weight, "
+        "bool full_normalize) -> (Tensor, Tensor)");
+  // Gradient wrt logits of sum_t grad_loss[t] * loss[t].
+  m.def("topk_kl_backward(Tensor grad_loss, Tensor logits, Tensor target_ids, Tensor target_probs, "
+        "Tensor lse, Tensor? row_weight, bool full_normalize) -> Tensor");
+  // topk_kl on logits = hidden @ weight^T + bias, chunk_size tokens at a time, never holding
+  // [N,V]. With grad_row_scale given, also the gradients of sum_t grad_row_scale[t] * loss[t]
+  // wrt hidden, weight and bias (computed in the same pass); otherwise those are empty.
+  m.def("fused_linear_topk_kl(Tensor hidden, Tensor weight, Tensor? bias, Tensor target_ids, "
+        "Tensor target_probs, Tensor? row_weight, Tensor? grad_row_scale, bool full_normalize, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -33,11 +33,40 @@ def build_info() -> dict:
     return info
 
 
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether the compiled library registered lethe::<op> for a dispatch key ("CPU", "CUDA")."""
+def has_op(op: str) -> bool:
+    """Whether the loaded library declares lethe::<op> (an out-of-date build may not)."""
     if _C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lethe::{op}", dispatch_key)
+    try:
+        getattr(torch.ops.lethe, op)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the compiled library registered lethe::<op> for a dispatch key ("CPU", "CUDA")."""
+    return has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"lethe::{op}", dispatch_key)
+
+
+_stale_warned = False
+
+
+def register(op: str, fake, backward=None, setup_context=None) -> bool:
+    """Register the fake kernel (and autograd) of a compiled op from Python. A library built from
+    older sources lacks newer ops: warn once, and those ops run their reference."""
+    global _stale_warned
+    if not has_op(op):
+        if _C is not None and not _stale_warned:
+            _stale_warned = True
+            warnings.warn(f"lethe: the compiled library has no lethe::{op} (built from older sources?); "
+                          "such ops run their pure-PyTorch reference. Rebuild to use the kernels.",
+                          RuntimeWarning, stacklevel=3)
+        return False
+    torch.library.register_fake(f"lethe::{op}")(fake)
+    if backward is not None:
+        torch.library.register_autograd(f"lethe::{op}", backward, setup_context=setup_context)
+    return True
 
 
 def cpu_cache_info() -> dict:

@@ -29,10 +29,10 @@ def report() -> str:
         lines.append(f"compiled library: not loaded ({info['error']}); ops use the reference")
     lines.append(f"default backend: {_backend.get_backend()} (LETHE_BACKEND)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name, op in OPS.items():
+    for op, kinds in OPS.items():
         kernels = [k for k in ("CPU", "CUDA") if _lib.has_kernel(op, k)]
         picks = ", ".join(f"{d} -> {_backend._resolve(op, d, _backend.get_backend())}" for d in devices)
-        lines.append(f"op {name}: compiled kernels {kernels or 'none'}; {picks}")
+        lines.append(f"op {op}: kernels {'/'.join(kinds)}; compiled here {kernels or 'none'}; {picks}")
     return "\n".join(lines)
 
 

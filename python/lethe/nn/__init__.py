@@ -1,4 +1,5 @@
 """Modules built on lethe's ops."""
 from lethe.nn.quant import FakeQuantLinear, quantized_weights
+from lethe.nn.shred import ShredLoss, ShredTargets
 
-__all__ = ["FakeQuantLinear", "quantized_weights"]
+__all__ = ["FakeQuantLinear", "quantized_weights", "ShredLoss", "ShredTargets"]

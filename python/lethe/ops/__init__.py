@@ -3,8 +3,20 @@ a pure-PyTorch reference, chosen per call (backend=) or by LETHE_BACKEND."""
 from lethe._lib import cpu_cache_info, empty_cpu_cache
 from lethe.ops._backend import BACKENDS, get_backend, set_backend
 from lethe.ops.quant import PRESETS, QuantSpec, fake_quantize, quant_spec
+from lethe.ops.shred import (demote_targets, fused_linear_topk_kl, select_forget_positions,
+                             teacher_topk, topk_kl)
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "cpu_cache_info", "empty_cpu_cache", "PRESETS", "QuantSpec", "fake_quantize", "quant_spec"]
+__all__ = ["BACKENDS", "get_backend", "set_backend", "cpu_cache_info", "empty_cpu_cache", "PRESETS", "QuantSpec", "fake_quantize", "quant_spec",
+           "teacher_topk", "select_forget_positions", "demote_targets", "topk_kl", "fused_linear_topk_kl"]
 
-# Ops by name, for lethe.info and the tests: public name -> compiled op name.
-OPS = {"fake_quantize": "fake_quantize"}
+# Every op and the kernels it has besides its pure-PyTorch reference ("cpu" and "cuda": compiled,
+# "triton"). lethe.info and the build tests read this; the shred family's GPU kernels are to come.
+OPS = {
+    "fake_quantize": ("cpu", "cuda", "triton"),
+    "teacher_topk": ("cpu",),
+    "select_forget_positions": ("cpu",),
+    "demote_targets": ("cpu",),
+    "topk_kl": ("cpu",),
+    "topk_kl_backward": ("cpu",),
+    "fused_linear_topk_kl": ("cpu",),
+}

@@ -62,7 +62,7 @@ def _resolve(op: str, dev: str, name: str) -> str:
 
 def _choose(op: str, dev: str, name: str) -> str:
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(dev)
-    native = key is not None and (dev == "meta" and _lib.available() or _lib.has_kernel(op, key or ""))
+    native = key is not None and (dev == "meta" and _lib.has_op(op) or _lib.has_kernel(op, key or ""))
     triton_ok = triton_available() and (dev in ("cuda", "xpu") or (dev == "cpu" and triton_interpreted()))
     if name == "native":
         if not native:

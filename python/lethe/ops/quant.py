@@ -192,9 +192,7 @@ def _backward(ctx, grad_y, grad_mask):
     return grad_y, None, None, None, None, None, None
 
 
-if _lib.available():
-    torch.library.register_fake("lethe::fake_quantize")(_fake)
-    torch.library.register_autograd("lethe::fake_quantize", _backward, setup_context=_setup_context)
+_lib.register("fake_quantize", _fake, _backward, _setup_context)
 
 if _backend.triton_available():
 

@@ -1,0 +1,188 @@
+"""SHRED's demoted top-K KL fused with the LM head, loss + backward, CPU fp32.
+
+N=4096 tokens, H=1024, V=32000, K=64 (override with LETHE_BENCH_SHRED="N,H,V,K"). Anchors in one
+run: the eager composition (logits, log_softmax, gather, KL, backward), a chunked pure-PyTorch
+version that computes the gradients in the forward pass (the approach of Liger-Kernel's chunked
+losses), and the machine's fp32 matmul throughput on the same three products (6*N*H*V flops).
+Peak extra memory of each variant is measured in a fresh subprocess (peak RSS minus the RSS
+after the inputs exist). Also: the teacher pass against logits + log_softmax + torch.topk.
+
+    .venv/bin/python -m pytest -q -s -o python_files="bench_*.py" benchmarks/bench_shred.py
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lethe
+from conftest import write_results
+
+N, H, V, K = (int(v) for v in os.environ.get("LETHE_BENCH_SHRED", "4096,1024,32000,64").split(","))
+CHUNK = 1024
+TIMES: dict = {}
+PEAKS: dict = {}
+
+
+def make_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.5
+    # K distinct ids per row, one in each of K strides of the vocabulary (no [N, V] temporary)
+    ids = torch.arange(K) * (V // K) + torch.randint(0, V // K, (N, K), generator=g)
+    probs = torch.softmax(torch.randn(N, K, generator=g), -1)
+    return hidden, weight, ids, probs
+
+
+def eager_loss(hidden, weight, ids, probs):
+    logp = torch.log_softmax(hidden @ weight.t(), dim=-1)
+    kl = (probs * (probs.log() - torch.gather(logp, 1, ids))).sum(-1)
+    return kl.mean()
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """What a careful user writes without a kernel: per chunk, logits, softmax, loss, and the
+    gradients, computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, probs):
+        n = hidden.shape[0]
+        gh = torch.empty_like(hidden)
+        gw = torch.zeros_like(weight)
+        total = hidden.new_zeros(())
+        for s in range(0, n, CHUNK):
+            h = hidden[s:s + CHUNK]
+            z = h @ weight.t()
+            lse = torch.logsumexp(z, -1, keepdim=True)
+            q, i = probs[s:s + CHUNK], ids[s:s + CHUNK]
+            total += (q * (q.log() - (torch.gather(z, 1, i) - lse))).sum()
+            gz = torch.exp(z - lse).mul_(q.sum(-1, keepdim=True)).scatter_add_(1, i, -q).div_(n)
+            torch.mm(gz, weight, out=gh[s:s + CHUNK])
+            gw.addmm_(gz.t(), h)
+        ctx.save_for_backward(gh, gw)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors
+        return gh * g, gw * g, None, None
+
+
+def chunked_loss(hidden, weight, ids, probs):
+    return _ChunkedKL.apply(hidden, weight, ids, probs)
+
+
+def lethe_loss(hidden, weight, ids, probs):
+    return lethe.ops.fused_linear_topk_kl(hidden, weight, ids, probs, chunk_size=CHUNK)
+
+
+def matmuls(hidden, weight, ids, probs):
+    # the three products every variant must do: z = h W^T, dh = dz W, dW = dz^T h
+    z = hidden.detach() @ weight.detach().t()
+    return z @ weight.detach(), z.t() @ hidden.detach()
+
+
+VARIANTS = {"lethe": lethe_loss, "eager": eager_loss, "chunked": chunked_loss}
+
+
+def step(fn, hidden, weight, ids, probs):
+    h = hidden.requires_grad_(True)
+    w = weight.requires_grad_(True)
+    loss = fn(h, w, ids, probs)
+    return torch.autograd.grad(loss, (h, w))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_inputs()
+
+
+@pytest.mark.parametrize("impl", list(VARIANTS))
+def test_loss_and_backward(benchmark, impl, inputs):
+    fn = VARIANTS[impl]
+    benchmark.pedantic(lambda: step(fn, *inputs), rounds=3, warmup_rounds=1, iterations=1)
+    TIMES[impl] = benchmark.stats.stats.median
+
+
+def test_matmul_limit(benchmark, inputs):
+    benchmark.pedantic(lambda: matmuls(*inputs), rounds=3, warmup_rounds=1, iterations=1)
+    TIMES["matmuls"] = benchmark.stats.stats.median
+
+
+def test_same_gradients(inputs):
+    a = step(lethe_loss, *inputs)
+    b = step(chunked_loss, *inputs)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-6)
+
+
+def test_teacher_pass(benchmark, inputs):
+    hidden, weight, _, _ = inputs
+    labels = torch.randint(0, V, (N,))
+
+    def eager_teacher():
+        logp = torch.log_softmax(hidden @ weight.t(), -1)
+        top = torch.topk(logp, K, dim=-1)
+        return top.indices, top.values, torch.gather(logp, 1, labels[:, None])
+
+    benchmark.pedantic(eager_teacher, rounds=3, warmup_rounds=1, iterations=1)
+    TIMES["teacher/eager"] = benchmark.stats.stats.median
+    t = benchmark.stats.stats.median
+    import time
+
+    best = float("inf")
+    for _ in range(3):
+        s = time.perf_counter()
+        lethe.ops.teacher_topk(hidden, weight, labels, K, chunk_size=CHUNK)
+        best = min(best, time.perf_counter() - s)
+    TIMES["teacher/lethe"] = best
+    assert t > 0
+
+
+_PEAK_CODE = """
+import resource, sys, torch
+sys.path.insert(0, {bench_dir!r})
+import bench_shred as B
+inputs = B.make_inputs()
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+base = rss()
+B.step(B.VARIANTS[{name!r}], *inputs)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30)
+"""
+
+
+@pytest.mark.parametrize("impl", list(VARIANTS))
+def test_peak_memory(impl):
+    code = _PEAK_CODE.format(bench_dir=os.path.dirname(__file__), name=impl)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    PEAKS[impl] = float(r.stdout.strip().splitlines()[-1])
+
+
+def test_report():
+    assert {"lethe", "eager", "chunked", "matmuls"} <= set(TIMES), "run the whole file"
+    flops = 6 * N * H * V
+    t = TIMES
+    report = {
+        "shape": {"N": N, "H": H, "V": V, "K": K}, "chunk": CHUNK,
+        "median_s": t,
+        "GFLOPs": {k: flops / v / 1e9 for k, v in t.items() if "/" not in k},
+        "speedup_vs_eager": t["eager"] / t["lethe"],
+        "speedup_vs_chunked": t["chunked"] / t["lethe"],
+        "fraction_of_matmul": t["matmuls"] / t["lethe"],
+        "peak_extra_GiB": PEAKS,
+        "teacher_speedup_vs_eager": t.get("teacher/eager", 0) / t.get("teacher/lethe", 1),
+    }
+    path = write_results("shred_cpu", report)
+    print(f"\nfused top-K KL loss+backward N={N} H={H} V={V} K={K} (medians, s): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+    print(f"  {report['speedup_vs_eager']:.2f}x eager, {report['speedup_vs_chunked']:.2f}x chunked, "
+          f"{report['GFLOPs']['lethe']:.0f} GFLOP/s = {100 * report['fraction_of_matmul']:.0f}% of the matmuls "
+          f"({report['GFLOPs']['matmuls']:.0f} GFLOP/s)")
+    print("  peak extra memory (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in PEAKS.items())
+          + f"; teacher pass {report['teacher_speedup_vs_eager']:.2f}x eager; written to {path}")

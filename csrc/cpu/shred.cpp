@@ -1,0 +1,332 @@
+// CPU kernels of the shred family (see python/lethe/ops/shred_reference.py for the definitions):
+//   teacher_topk             the teacher pass fused with the LM head, chunk_size tokens at a time;
+//   select_forget_positions  per sequence, the lowest label log-probs after the first `skip`;
+//   demote_targets           renormalised top-K teacher probs with the label / nucleus zeroed.
+// All arithmetic in fp32 (sums of many terms accumulate in double). Orderings follow torch.sort:
+// NaN counts as larger than every number; equal values keep ascending id / position order.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "lethe/checks.h"
+#include "lethe/cpu_alloc.h"
+
+namespace lethe {
+namespace {
+
+constexpr int64_t kIgnoreIndex = -100;
+
+// Strict total order "a comes before b" for a descending sort by value with ties (and NaN ties)
+// broken by ascending index; NaN sorts first, as torch.sort(descending=True) puts it.
+inline bool desc_before(float va, int64_t ia, float vb, int64_t ib) {
+  const bool na = std::isnan(va), nb = std::isnan(vb);
+  if (na || nb) return na != nb ? na : ia < ib;
+  if (va != vb) return va > vb;
+  return ia < ib;
+}
+
+// Ascending by value (NaN last, as torch.sort puts it), ties by ascending index: a stable sort.
+inline bool asc_before(float va, int64_t ia, float vb, int64_t ib) {
+  const bool na = std::isnan(va), nb = std::isnan(vb);
+  if (na || nb) return na != nb ? nb : ia < ib;
+  if (va != vb) return va < vb;
+  return ia < ib;
+}
+
+struct Entry {
+  float v;
+  int64_t id;
+};
+
+// ---------------------------------------------------------------------------------------------
+// teacher_topk
+
+void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                             int64_t k, int64_t chunk_size) {
+  TORCH_CHECK(hidden.device().is_cpu(), "hidden must be a CPU tensor for the CPU kernel, got ",
+              hidden.device());
+  check_float_input(hidden, "hidden");
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
+  check_float_input(weight, "weight");
+  TORCH_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device());
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [V, H], got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have H = ", hidden.size(1),
+              " columns (hidden's last dimension), got shape ", weight.sizes());
+  const int64_t V = weight.size(0);
+  TORCH_CHECK(V >= 1, "weight must have at least one row (vocabulary size >= 1), got shape ",
+              weight.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_float_input(*bias, "bias");
+    TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor, got ", bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V,
+                "], got ", bias->sizes());
+  }
+  TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "labels must have shape [N] = [",
+              hidden.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(k >= 1 && k <= V, "k must be in [1, V] = [1, ", V, "], got ", k);
+  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+}
+
+// One row of logits z[0..V): top-K (value desc, id asc) into ids/lp and the log-sum-exp.
+void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vector<Entry>& heap,
+                 int64_t* ids, float* lp, float* label_lp) {
+  // log-sum-exp as torch.logsumexp: max-subtracted, an infinite max replaced by 0, NaN propagates
+  float m = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t i = 0; i < V; ++i) {
+    const float v = z[i];
+    nan |= std::isnan(v);
+    m = v > m ? v : m;
+  }
+  float lse;
+  if (nan) {
+    lse = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    if (std::isinf(m)) m = 0.0f;
+    double s = 0.0;
+    for (int64_t i = 0; i < V; ++i) s += static_cast<double>(std::exp(z[i] - m));
+    lse = std::log(static_cast<float>(s)) + m;
+  }
+
+  // top-K with a size-K heap whose top is the worst kept entry. Ids arrive in ascending order,
+  // so a later entry equal to the worst one never displaces it.
+  auto better = [](const Entry& a, const Entry& b) { return desc_before(a.v, a.id, b.v, b.id); };
+  heap.resize(K);
+  for (int64_t i = 0; i < K; ++i) heap[i] = {z[i], i};
+  std::make_heap(heap.begin(), heap.end(), better);
+  for (int64_t i = K; i < V; ++i) {
+    const Entry e{z[i], i};
+    if (better(e, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = e;
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  std::sort_heap(heap.begin(), heap.end(), better);  // best first
+  for (int64_t j = 0; j < K; ++j) {
+    ids[j] = heap[j].id;
+    lp[j] = heap[j].v - lse;
+  }
+  *label_lp = label == kIgnoreIndex ? 0.0f : z[label] - lse;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t k, int64_t chunk_size) {
+  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
+  const int64_t N = hidden.size(0), V = weight.size(0), K = k;
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* lab_p = lab.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t l = lab_p[i];
+    TORCH_CHECK(l == kIgnoreIndex || (l >= 0 && l < V), "labels must be in [0, V) = [0, ", V,
+                ") or -100, got ", l, " at index ", i);
+  }
+  at::Tensor ids = at::empty({N, K}, hidden.options().dtype(at::kLong));
+  at::Tensor lp = at::empty({N, K}, hidden.options().dtype(at::kFloat));
+  at::Tensor label_lp = at::empty({N}, hidden.options().dtype(at::kFloat));
+  if (N == 0) return {ids, lp, label_lp};
+
+  // fp32 weight: used as is when it is already fp32; an fp16/bf16 weight is upcast once per call,
+  // a temporary of V*H*4 bytes (twice the weight's own size), e.g. 2.4 GB for V=150k, H=4096.
+  const at::Tensor w32 = weight.to(at::kFloat);
+  const at::Tensor wt = w32.t();  // [H, V] view, no copy
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
+
+  // The only [*, V] buffer: chunk rows of logits, reused for every chunk.
+  const int64_t C = std::min(chunk_size, N);
+  at::Tensor scratch = cached_empty({C, V}, at::kFloat);
+
+  int64_t* ids_p = ids.mutable_data_ptr<int64_t>();
+  float* lp_p = lp.mutable_data_ptr<float>();
+  float* llp_p = label_lp.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / V);
+
+  for (int64_t c0 = 0; c0 < N; c0 += C) {
+    const int64_t n = std::min(C, N - c0);
+    const at::Tensor hc = hidden.narrow(0, c0, n).to(at::kFloat);  // a view for fp32
+    at::Tensor z = scratch.narrow(0, 0, n);                          // contiguous rows
+    at::mm_out(z, hc, wt);
+    if (b32.defined()) z.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
+    const float* z_p = z.const_data_ptr<float>();
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<Entry> heap;
+      heap.reserve(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = c0 + r;
+        teacher_row(z_p + r * V, V, K, lab_p[row], heap, ids_p + row * K, lp_p + row * K,
+                    llp_p + row);
+      }
+    });
+  }
+  return {ids, lp, label_lp};
+}
+
+// ---------------------------------------------------------------------------------------------
+// select_forget_positions
+
+at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at::Tensor& labels,
+                                       double fraction, int64_t skip) {
+  TORCH_CHECK(label_logprob.device().is_cpu(),
+              "label_logprob must be a CPU tensor for the CPU kernel, got ",
+              label_logprob.device());
+  check_float_input(label_logprob, "label_logprob");
+  TORCH_CHECK(label_logprob.dim() == 2, "label_logprob must be 2-D [B, T], got shape ",
+              label_logprob.sizes());
+  TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.sizes() == label_logprob.sizes(),
+              "labels must have the shape of label_logprob ", label_logprob.sizes(), ", got ",
+              labels.sizes());
+  TORCH_CHECK(fraction >= 0.0 && fraction <= 1.0, "fraction must be in [0, 1], got ", fraction);
+  TORCH_CHECK(skip >= 0, "skip must be >= 0, got ", skip);
+
+  const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
+  at::Tensor out = at::zeros({B, T}, label_logprob.options().dtype(at::kBool));
+  if (B == 0 || T == 0) return out;
+  const at::Tensor vals = label_logprob.to(at::kFloat).contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const float* v_p = vals.const_data_ptr<float>();
+  const int64_t* l_p = lab.const_data_ptr<int64_t>();
+  bool* o_p = out.mutable_data_ptr<bool>();
+
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> pos;
+    pos.reserve(T);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* v = v_p + b * T;
+      const int64_t* l = l_p + b * T;
+      pos.clear();
+      int64_t skipped = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (l[t] == kIgnoreIndex) continue;
+        if (skipped < skip) {
+          ++skipped;
+          continue;
+        }
+        pos.push_back(t);
+      }
+      const int64_t n = static_cast<int64_t>(pos.size());
+      if (n == 0) continue;
+      // as the reference: math.ceil(fraction * n - 1e-9) in double
+      int64_t m = static_cast<int64_t>(std::ceil(fraction * static_cast<double>(n) - 1e-9));
+      m = std::min(std::max<int64_t>(m, 0), n);
+      if (m == 0) continue;
+      auto lower = [&](int64_t a, int64_t c) { return asc_before(v[a], a, v[c], c); };
+      if (m < n) std::nth_element(pos.begin(), pos.begin() + (m - 1), pos.end(), lower);
+      bool* o = o_p + b * T;
+      for (int64_t j = 0; j < m; ++j) o[pos[j]] = true;
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// demote_targets
+
+at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
+                              const at::Tensor& labels, const at::Tensor& forget_mask,
+                              int64_t variant, double top_p) {
+  TORCH_CHECK(topk_ids.device().is_cpu(), "topk_ids must be a CPU tensor for the CPU kernel, got ",
+              topk_ids.device());
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "topk_ids must be int64, got ",
+              topk_ids.scalar_type());
+  TORCH_CHECK(topk_ids.dim() == 2, "topk_ids must be 2-D [N, K], got shape ", topk_ids.sizes());
+  TORCH_CHECK(topk_logprobs.device().is_cpu(), "topk_logprobs must be a CPU tensor, got ",
+              topk_logprobs.device());
+  check_float_input(topk_logprobs, "topk_logprobs");
+  TORCH_CHECK(topk_logprobs.sizes() == topk_ids.sizes(),
+              "topk_logprobs must have the shape of topk_ids ", topk_ids.sizes(), ", got ",
+              topk_logprobs.sizes());
+  const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
+  // labels / forget_mask: [N], or any shape of N elements (the reference flattens them)
+  TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.numel() == N, "labels must have N = ", N, " elements (shape [N]), got shape ",
+              labels.sizes());
+  TORCH_CHECK(forget_mask.device().is_cpu(), "forget_mask must be a CPU tensor, got ",
+              forget_mask.device());
+  TORCH_CHECK(forget_mask.scalar_type() == at::kBool, "forget_mask must be bool, got ",
+              forget_mask.scalar_type());
+  TORCH_CHECK(forget_mask.numel() == N, "forget_mask must have N = ", N,
+              " elements (shape [N]), got shape ", forget_mask.sizes());
+  TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (A) or 1 (B), got ", variant);
+  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
+
+  at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));
+  if (N == 0 || K == 0) return q;
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor lps = topk_logprobs.to(at::kFloat).contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor fm = forget_mask.contiguous();
+  const int64_t* id_p = ids.const_data_ptr<int64_t>();
+  const float* lp_p = lps.const_data_ptr<float>();
+  const int64_t* l_p = lab.const_data_ptr<int64_t>();
+  const bool* f_p = fm.const_data_ptr<bool>();
+  float* q_p = q.mutable_data_ptr<float>();
+  // the reference compares an fp32 tensor with a Python float: in fp32
+  const float tp = static_cast<float>(top_p);
+  const bool nucleus = variant == 1;
+
+  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t* id = id_p + r * K;
+      const float* lp = lp_p + r * K;
+      float* o = q_p + r * K;
+      const bool forget = f_p[r];
+      const int64_t label = l_p[r];
+      double cum = 0.0;  // as torch.cumsum on CPU: double accumulator, rounded to fp32 per entry
+      double s = 0.0;
+      for (int64_t j = 0; j < K; ++j) {
+        const float p = std::exp(lp[j]);
+        cum += static_cast<double>(p);
+        bool demote = false;
+        if (forget) {
+          demote = id[j] == label;
+          if (nucleus) {
+            const float before = static_cast<float>(cum) - p;
+            demote = demote || before < tp;
+          }
+        }
+        const float v = demote ? 0.0f : p;
+        o[j] = v;
+        s += static_cast<double>(v);
+      }
+      const float sf = static_cast<float>(s);
+      if (sf > 0.0f) {
+        for (int64_t j = 0; j < K; ++j) o[j] = o[j] / sf;
+      } else {
+        for (int64_t j = 0; j < K; ++j) o[j] = 0.0f;
+      }
+    }
+  });
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lethe, CPU, m) {
+  m.impl("teacher_topk", &teacher_topk_cpu);
+  m.impl("select_forget_positions", &select_forget_positions_cpu);
+  m.impl("demote_targets", &demote_targets_cpu);
+}
+
+}  // namespace lethe

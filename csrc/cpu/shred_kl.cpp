@@ -1,0 +1,684 @@
+// CPU kernels of the demoted top-K KL: topk_kl, topk_kl_backward and fused_linear_topk_kl
+// (definitions: python/lethe/ops/shred_reference.py, topk_kl_reference).
+//
+// Per row t with logits z, target ids (K) and target probs q (K):
+//   lse  = logsumexp(z) over the full vocabulary, or over z[ids] (full_normalize = false)
+//   loss = row_weight * sum_k q_k (log q_k - (z[ids_k] - lse))       (terms with q_k = 0 are 0)
+//   dloss/dz = row_weight * (softmax * sum(q) - scatter(q))          (softmax over V, or over ids)
+//
+// Row passes work on fp32 rows with a vector exp (GCC vector extensions, cloned per ISA): the
+// log-normaliser is one read pass (blocked online max / exp-sum, each 1 KiB block re-read from L1),
+// the gradient one write pass. The fused op computes chunk_size rows of logits at a time with MKL
+// (at::mm), turns them in place into gradient rows and feeds them to two more matmuls, so the
+// extra memory is one [chunk_size, V] fp32 buffer (+ fp32 copies of a low-precision weight and of
+// its gradient accumulator).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "lethe/checks.h"
+#include "lethe/cpu_alloc.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define LETHE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LETHE_CLONES
+#endif
+#define LETHE_INLINE inline __attribute__((always_inline))
+
+namespace lethe {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Vector row kernels (fp32)
+// ---------------------------------------------------------------------------------------------
+
+typedef float F16v __attribute__((vector_size(64)));
+typedef int32_t I16v __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = 256;  // floats per online-softmax block (1 KiB, stays in L1)
+
+LETHE_INLINE F16v splat(float v) { return F16v{} + v; }
+
+LETHE_INLINE F16v loadu(const float* p) {
+  F16v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+LETHE_INLINE void storeu(float* p, F16v v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The first n (< 16) floats of p, the other lanes set to fill.
+LETHE_INLINE F16v load_part(const float* p, int64_t n, float fill) {
+  F16v v = splat(fill);
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+// exp for x <= 88 (our arguments are <= ~0): Cody-Waite reduction and Cephes' degree-6
+// polynomial, ~1 ulp. exp(x) = 0 below -87.3 (no subnormals); NaN stays NaN.
+LETHE_INLINE F16v vexp(F16v x) {
+  const F16v lo = splat(-87.33654475f), hi = splat(88.0f);
+  F16v xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  F16v n = xc * splat(1.44269504088896341f);
+  n = (n + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest integer
+  xc = xc - n * splat(0.693359375f);
+  xc = xc - n * splat(-2.12194440e-4f);
+  const F16v z = xc * xc;
+  F16v y = splat(1.9875691500e-4f);
+  y = y * xc + splat(1.3981999507e-3f);
+  y = y * xc + splat(8.3334519073e-3f);
+  y = y * xc + splat(4.1665795894e-2f);
+  y = y * xc + splat(1.6666665459e-1f);
+  y = y * xc + splat(5.0000001201e-1f);
+  y = y * z + xc + splat(1.0f);
+  const I16v e = (__builtin_convertvector(n, I16v) + 127) << 23;
+  F16v r = y * reinterpret_cast<const F16v&>(e);
+  r = x < lo ? splat(0.0f) : r;
+  return x != x ? x : r;
+}
+
+LETHE_INLINE float hmax(F16v v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+LETHE_INLINE float hsum(F16v v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// max and sum(exp(x - max)) of x = z (+ b), online over blocks.
+template <bool kBias>
+LETHE_INLINE void max_sumexp_impl(const float* z, const float* b, int64_t V, float* m_out,
+                                  float* s_out) {
+  float m = -kInf;
+  F16v sv = {};
+  for (int64_t i = 0; i < V; i += kBlock) {
+    const int64_t n = std::min(kBlock, V - i), nv = n / kLanes * kLanes;
+    const float* zb = z + i;
+    const float* bb = kBias ? b + i : nullptr;
+    F16v mv = splat(-kInf), tail = splat(-kInf);
+    for (int64_t j = 0; j < nv; j += kLanes) {
+      F16v x = loadu(zb + j);
+      if constexpr (kBias) x += loadu(bb + j);
+      mv = x > mv ? x : mv;
+    }
+    if (nv < n) {
+      tail = load_part(zb + nv, n - nv, -kInf);
+      if constexpr (kBias) tail += load_part(bb + nv, n - nv, 0.0f);
+      mv = tail > mv ? tail : mv;
+    }
+    const float bm = hmax(mv);
+    if (bm > m) {
+      sv *= vexp(splat(m - bm));
+      m = bm;
+    }
+    if (m == -kInf) continue;  // everything so far is -inf (or NaN, which max skips)
+    const F16v mm = splat(m);
+    for (int64_t j = 0; j < nv; j += kLanes) {
+      F16v x = loadu(zb + j);
+      if constexpr (kBias) x += loadu(bb + j);
+      sv += vexp(x - mm);
+    }
+    if (nv < n) sv += vexp(tail - mm);
+  }
+  // a NaN anywhere (skipped by the max) still reaches the sum through vexp
+  *m_out = m;
+  *s_out = hsum(sv);
+}
+
+// out = a * exp(z (+ b) - shift); acc += out when kAcc. out may alias z.
+template <bool kBias, bool kAcc>
+LETHE_INLINE void exp_write_impl(float* out, const float* z, const float* b, int64_t V,
+                                 float shift, float a, float* acc) {
+  const F16v sh = splat(shift), av = splat(a);
+  const int64_t nv = V / kLanes * kLanes;
+  for (int64_t i = 0; i < nv; i += kLanes) {
+    F16v x = loadu(z + i);
+    if constexpr (kBias) x += loadu(b + i);
+    const F16v y = av * vexp(x - sh);
+    storeu(out + i, y);
+    if constexpr (kAcc) storeu(acc + i, loadu(acc + i) + y);
+  }
+  if (nv < V) {
+    const int64_t n = V - nv;
+    F16v x = load_part(z + nv, n, -kInf);
+    if constexpr (kBias) x += load_part(b + nv, n, 0.0f);
+    const F16v y = av * vexp(x - sh);
+    for (int64_t i = 0; i < n; ++i) out[nv + i] = y[i];
+    if constexpr (kAcc)
+      for (int64_t i = 0; i < n; ++i) acc[nv + i] += y[i];
+  }
+}
+
+// Entry points, one clone per vector ISA.
+LETHE_CLONES void row_max_sumexp(const float* z, const float* b, int64_t V, float* m, float* s) {
+  if (b)
+    max_sumexp_impl<true>(z, b, V, m, s);
+  else
+    max_sumexp_impl<false>(z, b, V, m, s);
+}
+
+LETHE_CLONES void row_exp_write(float* out, const float* z, const float* b, int64_t V, float shift,
+                                float a, float* acc) {
+  if (b) {
+    if (acc)
+      exp_write_impl<true, true>(out, z, b, V, shift, a, acc);
+    else
+      exp_write_impl<true, false>(out, z, b, V, shift, a, acc);
+  } else {
+    if (acc)
+      exp_write_impl<false, true>(out, z, b, V, shift, a, acc);
+    else
+      exp_write_impl<false, false>(out, z, b, V, shift, a, acc);
+  }
+}
+
+LETHE_CLONES void add_rows(float* acc, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar per-row pieces
+// ---------------------------------------------------------------------------------------------
+
+inline float lse_from(float m, float s) { return m == -kInf ? -kInf : m + std::log(s); }
+
+inline float lse_small(const float* zk, int64_t K) {
+  float m = -kInf;
+  for (int64_t k = 0; k < K; ++k) m = zk[k] > m ? zk[k] : m;
+  if (m == -kInf) return -kInf;
+  float s = 0.0f;
+  for (int64_t k = 0; k < K; ++k) s += std::exp(zk[k] - m);
+  return m + std::log(s);
+}
+
+// sum_k q_k (log q_k - (zk_k - lse)), terms with q_k = 0 being 0.
+inline float kl_row(const float* zk, const float* q, int64_t K, float lse) {
+  float kl = 0.0f;
+  for (int64_t k = 0; k < K; ++k)
+    if (q[k] > 0.0f) kl += q[k] * std::log(q[k]) - q[k] * (zk[k] - lse);
+  return kl;
+}
+
+inline float sum_of(const float* q, int64_t K) {
+  float s = 0.0f;
+  for (int64_t k = 0; k < K; ++k) s += q[k];
+  return s;
+}
+
+inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ",
+              t.device());
+}
+
+void check_vec(const std::optional<at::Tensor>& t, const char* name, int64_t N) {
+  if (!t.has_value()) return;
+  check_cpu(*t, name);
+  check_float_input(*t, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, name, " must have shape [N] = [", N,
+              "], got ", t->sizes());
+}
+
+// Shapes and dtypes of target_ids / target_probs against N rows and V classes; returns K.
+int64_t check_targets_shape(const at::Tensor& ids, const at::Tensor& q, int64_t N, int64_t V) {
+  check_cpu(ids, "target_ids");
+  check_cpu(q, "target_probs");
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "target_ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == N, "target_ids must have shape [N, K] with N = ",
+              N, ", got ", ids.sizes());
+  const int64_t K = ids.size(1);
+  TORCH_CHECK(K <= V, "target_ids has K = ", K, " columns, more than the vocabulary size V = ", V);
+  check_float_input(q, "target_probs");
+  TORCH_CHECK(q.dim() == 2 && q.sizes() == ids.sizes(),
+              "target_probs must have the shape of target_ids ", ids.sizes(), ", got ", q.sizes());
+  return K;
+}
+
+// Values of the targets: ids in [0, V), probs >= 0 with each row summing to 1 (or exactly 0).
+void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t K, int64_t V,
+                          float tol) {
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> bad_id{kNone}, bad_neg{kNone}, bad_sum{kNone};
+  auto lower = [](std::atomic<int64_t>& a, int64_t v) {
+    int64_t cur = a.load();
+    while (v < cur && !a.compare_exchange_weak(cur, v)) {
+    }
+  };
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int64_t* ir = ids + r * K;
+                       const float* qr = q + r * K;
+                       bool id_ok = true, neg_ok = true;
+                       double s = 0.0;
+                       for (int64_t k = 0; k < K; ++k) {
+                         id_ok &= ir[k] >= 0 && ir[k] < V;
+                         neg_ok &= qr[k] >= 0.0f;  // false for NaN too
+                         s += qr[k];
+                       }
+                       if (!id_ok) lower(bad_id, r);
+                       if (!neg_ok) lower(bad_neg, r);
+                       if (neg_ok && s != 0.0 && !(std::abs(s - 1.0) <= tol)) lower(bad_sum, r);
+                     }
+                   });
+  if (bad_id.load() != kNone) {
+    const int64_t r = bad_id.load();
+    int64_t v = 0;
+    for (int64_t k = 0; k < K; ++k)
+      if (ids[r * K + k] < 0 || ids[r * K + k] >= V) {
+        v = ids[r * K + k];
+        break;
+      }
+    TORCH_CHECK(false, "target_ids must be in [0, V) = [0, ", V, "), got ", v, " in row ", r);
+  }
+  if (bad_neg.load() != kNone) {
+    const int64_t r = bad_neg.load();
+    float v = 0.0f;
+    for (int64_t k = 0; k < K; ++k)
+      if (!(q[r * K + k] >= 0.0f)) {
+        v = q[r * K + k];
+        break;
+      }
+    TORCH_CHECK(false, "target_probs must be non-negative, got ", v, " in row ", r);
+  }
+  if (bad_sum.load() != kNone) {
+    const int64_t r = bad_sum.load();
+    double s = 0.0;
+    for (int64_t k = 0; k < K; ++k) s += q[r * K + k];
+    TORCH_CHECK(false, "target_probs rows must sum to 1 (within ", tol,
+                ") or be all zero, row ", r, " sums to ", s);
+  }
+}
+
+// Row-sum tolerance: 1e-3, or the dtype's epsilon for bfloat16 probabilities.
+float sum_tol(at::ScalarType t) { return t == at::kBFloat16 ? 7.8125e-3f : 1e-3f; }
+
+at::Tensor to_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
+
+// fp32 view of a logits row: zero-copy for fp32.
+template <typename scalar_t>
+LETHE_INLINE const float* row_f32(const scalar_t* src, int64_t V, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    buf.resize(V);
+    for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf.data();
+  }
+}
+
+struct Targets {
+  at::Tensor ids, q, w;  // contiguous int64 [N,K], fp32 [N,K], fp32 [N] (undefined when none)
+  int64_t K;
+};
+
+Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_probs,
+                        const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V) {
+  Targets t;
+  t.K = check_targets_shape(target_ids, target_probs, N, V);
+  check_vec(row_weight, "row_weight", N);
+  t.ids = target_ids.contiguous();
+  t.q = to_f32(target_probs);
+  if (row_weight.has_value()) t.w = to_f32(*row_weight);
+  check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
+                       sum_tol(target_probs.scalar_type()));
+  return t;
+}
+
+void check_logits(const at::Tensor& logits) {
+  check_cpu(logits, "logits");
+  check_float_input(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), "-D");
+  TORCH_CHECK(logits.size(1) >= 1, "logits must have at least one column (V >= 1)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// topk_kl
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void topk_kl_rows(const scalar_t* z, const int64_t* ids, const float* q, const float* w, int64_t N,
+                  int64_t V, int64_t K, bool full, float* loss, float* lse) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf, zk(K);
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* zr = z + r * V;
+      const int64_t* ir = ids + r * K;
+      const float* qr = q + r * K;
+      for (int64_t k = 0; k < K; ++k) zk[k] = static_cast<float>(zr[ir[k]]);
+      float l;
+      if (full) {
+        float m, s;
+        row_max_sumexp(row_f32(zr, V, buf), nullptr, V, &m, &s);
+        l = lse_from(m, s);
+      } else {
+        l = lse_small(zk.data(), K);
+      }
+      lse[r] = l;
+      const float kl = kl_row(zk.data(), qr, K, l);
+      loss[r] = w ? w[r] * kl : kl;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_kl_cpu(const at::Tensor& logits,
+                                               const at::Tensor& target_ids,
+                                               const at::Tensor& target_probs,
+                                               const std::optional<at::Tensor>& row_weight,
+                                               bool full_normalize) {
+  check_logits(logits);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
+  at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor lse = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
+  if (N == 0) return {loss, lse};
+  const at::Tensor zc = logits.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "topk_kl_cpu", [&] {
+    topk_kl_rows<scalar_t>(zc.const_data_ptr<scalar_t>(), t.ids.const_data_ptr<int64_t>(),
+                           t.q.const_data_ptr<float>(),
+                           t.w.defined() ? t.w.const_data_ptr<float>() : nullptr, N, V, t.K,
+                           full_normalize, loss.mutable_data_ptr<float>(),
+                           lse.mutable_data_ptr<float>());
+  });
+  return {loss, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// topk_kl_backward
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void topk_kl_backward_rows(const float* g, const scalar_t* z, const int64_t* ids, const float* q,
+                           const float* lse, const float* w, int64_t N, int64_t V, int64_t K,
+                           bool full, scalar_t* out) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* zr = z + r * V;
+      scalar_t* orow = out + r * V;
+      const int64_t* ir = ids + r * K;
+      const float* qr = q + r * K;
+      const float coef = w ? g[r] * w[r] : g[r];
+      const float a = coef * sum_of(qr, K);
+      if (full) {
+        // fp32 row: the output itself, or a buffer converted at the end
+        float* o;
+        if constexpr (kF32) {
+          o = orow;
+        } else {
+          buf.resize(V);
+          o = buf.data();
+        }
+        if (a != 0.0f) {
+          row_exp_write(o, row_f32(zr, V, buf), nullptr, V, lse[r], a, nullptr);
+        } else {
+          std::memset(o, 0, sizeof(float) * V);
+        }
+        for (int64_t k = 0; k < K; ++k) o[ir[k]] -= coef * qr[k];
+        if constexpr (!kF32)
+          for (int64_t i = 0; i < V; ++i) orow[i] = static_cast<scalar_t>(o[i]);
+      } else {
+        // zero row, contributions accumulated in fp32 at the ids (ids may repeat)
+        buf.resize(V);
+        for (int64_t k = 0; k < K; ++k) buf[ir[k]] = 0.0f;
+        for (int64_t k = 0; k < K; ++k)
+          buf[ir[k]] += a * std::exp(static_cast<float>(zr[ir[k]]) - lse[r]) - coef * qr[k];
+        std::memset(static_cast<void*>(orow), 0, sizeof(scalar_t) * V);
+        for (int64_t k = 0; k < K; ++k) orow[ir[k]] = static_cast<scalar_t>(buf[ir[k]]);
+      }
+    }
+  });
+}
+
+at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                const at::Tensor& target_ids, const at::Tensor& target_probs,
+                                const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
+                                bool full_normalize) {
+  check_logits(logits);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_vec(grad_loss, "grad_loss", N);
+  check_vec(lse, "lse", N);
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
+  at::Tensor out = cached_empty({N, V}, logits.scalar_type());
+  if (N == 0) return out;
+  const at::Tensor zc = logits.contiguous();
+  const at::Tensor g = to_f32(grad_loss), l = to_f32(lse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(),
+                                  "topk_kl_backward_cpu", [&] {
+                                    topk_kl_backward_rows<scalar_t>(
+                                        g.const_data_ptr<float>(), zc.const_data_ptr<scalar_t>(),
+                                        t.ids.const_data_ptr<int64_t>(),
+                                        t.q.const_data_ptr<float>(), l.const_data_ptr<float>(),
+                                        t.w.defined() ? t.w.const_data_ptr<float>() : nullptr, N,
+                                        V, t.K, full_normalize, out.mutable_data_ptr<scalar_t>());
+                                  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused_linear_topk_kl
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread fp32 accumulators of the bias gradient (column sums of the gradient rows).
+struct ColSums {
+  int64_t V = 0, T = 0;
+  std::vector<float> part;   // [T, V]
+  std::vector<float> extra;  // [V], for threads without a slot, under mu
+  std::mutex mu;
+  void init(int64_t v) {
+    V = v;
+    T = std::max(1, at::get_num_threads());
+    part.assign(T * V, 0.0f);
+    extra.assign(V, 0.0f);
+  }
+  // the calling thread's row, or nullptr when it has none (then rows go to extra under mu)
+  float* mine() {
+    const int t = at::get_thread_num();
+    return t >= 0 && t < T ? part.data() + t * V : nullptr;
+  }
+};
+
+// One chunk of rows: z [c, V] fp32 logits without bias -> loss; with grads, z becomes the
+// gradient rows (incl. row_weight * grad_row_scale) in place.
+void fused_rows(float* z, const float* b, const int64_t* ids, const float* q, const float* w,
+                const float* srs, int64_t c, int64_t V, int64_t K, bool full, float* loss,
+                ColSums* cs) {
+  at::parallel_for(0, c, row_grain(V), [&](int64_t r0, int64_t r1) {
+    std::vector<float> zk(K);
+    float* acc = cs ? cs->mine() : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* zr = z + r * V;
+      const int64_t* ir = ids + r * K;
+      const float* qr = q + r * K;
+      const float sq = sum_of(qr, K);
+      const float coef = srs ? (w ? srs[r] * w[r] : srs[r]) : 0.0f;
+      if (sq == 0.0f) {  // no target: no loss, no gradient
+        loss[r] = 0.0f;
+        if (srs) std::memset(zr, 0, sizeof(float) * V);
+        continue;
+      }
+      for (int64_t k = 0; k < K; ++k) zk[k] = b ? zr[ir[k]] + b[ir[k]] : zr[ir[k]];
+      float l;
+      if (full) {
+        float m, s;
+        row_max_sumexp(zr, b, V, &m, &s);
+        l = lse_from(m, s);
+      } else {
+        l = lse_small(zk.data(), K);
+      }
+      const float kl = kl_row(zk.data(), qr, K, l);
+      loss[r] = w ? w[r] * kl : kl;
+      if (!srs) continue;
+      const float a = coef * sq;
+      float* rowacc = acc;  // nullptr without a per-thread slot: the row is added below
+      if (full && a != 0.0f) {
+        row_exp_write(zr, zr, b, V, l, a, rowacc);
+        for (int64_t k = 0; k < K; ++k) {
+          zr[ir[k]] -= coef * qr[k];
+          if (rowacc) rowacc[ir[k]] -= coef * qr[k];
+        }
+      } else if (full) {  // a == 0: only the (zero-weighted) scatter remains
+        std::memset(zr, 0, sizeof(float) * V);
+        for (int64_t k = 0; k < K; ++k) {
+          zr[ir[k]] -= coef * qr[k];
+          if (rowacc) rowacc[ir[k]] -= coef * qr[k];
+        }
+      } else {
+        std::memset(zr, 0, sizeof(float) * V);
+        for (int64_t k = 0; k < K; ++k) {
+          const float gk = a * std::exp(zk[k] - l) - coef * qr[k];
+          zr[ir[k]] += gk;
+          if (rowacc) rowacc[ir[k]] += gk;
+        }
+      }
+      if (cs && !acc) {
+        std::lock_guard<std::mutex> guard(cs->mu);
+        add_rows(cs->extra.data(), zr, V);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target_ids, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& grad_row_scale,
+    bool full_normalize, int64_t chunk_size) {
+  check_cpu(hidden, "hidden");
+  check_cpu(weight, "weight");
+  check_float_input(hidden, "hidden");
+  check_float_input(weight, "weight");
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got ", hidden.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [V, H], got ", weight.dim(), "-D");
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCH_CHECK(weight.size(1) == H, "weight must have shape [V, H] with H = ", H,
+              " (hidden's last dimension), got ", weight.sizes());
+  TORCH_CHECK(V >= 1, "weight must have at least one row (V >= 1)");
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    check_float_input(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V,
+                "], got ", bias->sizes());
+  }
+  check_vec(grad_row_scale, "grad_row_scale", N);
+  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
+  const bool grads = grad_row_scale.has_value();
+  // empty gradients (no grad_row_scale; no bias) have hidden's dtype, as the fake kernel's do
+  const auto gb_dtype = bias.has_value() ? bias->scalar_type() : hidden.scalar_type();
+
+  at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
+  auto empties = [&] {
+    const auto o = at::TensorOptions().dtype(hidden.scalar_type());
+    return std::make_tuple(loss, at::empty({0}, o), at::empty({0}, o), at::empty({0}, o));
+  };
+  if (!grads && N == 0) return empties();
+  if (N == 0) {
+    return {loss, at::empty({0, H}, at::TensorOptions().dtype(hidden.scalar_type())),
+            at::zeros({V, H}, at::TensorOptions().dtype(weight.scalar_type())),
+            bias.has_value() ? at::zeros({V}, at::TensorOptions().dtype(gb_dtype))
+                             : at::empty({0}, at::TensorOptions().dtype(gb_dtype))};
+  }
+
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor W = to_f32(weight);  // fp32 copy once per call when low precision
+  const at::Tensor b = bias.has_value() ? to_f32(*bias) : at::Tensor();
+  const at::Tensor srs = grads ? to_f32(*grad_row_scale) : at::Tensor();
+  const bool h32 = hidden.scalar_type() == at::kFloat;
+  const bool w32 = weight.scalar_type() == at::kFloat;
+
+  const int64_t C = std::min(chunk_size, N);
+  at::Tensor zbuf = cached_empty({C, V}, at::kFloat);
+  at::Tensor gh, gW, gW32, gh32buf;
+  ColSums cs;
+  if (grads) {
+    gh = cached_empty({N, H}, hidden.scalar_type());
+    gW = w32 ? cached_empty({V, H}, at::kFloat) : at::Tensor();
+    gW32 = w32 ? gW : cached_empty({V, H}, at::kFloat);
+    if (!h32) gh32buf = cached_empty({C, H}, at::kFloat);
+    if (bias.has_value()) cs.init(V);
+  }
+
+  const int64_t* ids = t.ids.const_data_ptr<int64_t>();
+  const float* q = t.q.const_data_ptr<float>();
+  const float* w = t.w.defined() ? t.w.const_data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  float* lossp = loss.mutable_data_ptr<float>();
+  const int64_t K = t.K;
+
+  for (int64_t s = 0; s < N; s += C) {
+    const int64_t c = std::min(C, N - s);
+    at::Tensor z = zbuf.narrow(0, 0, c);
+    const at::Tensor hc = h32 ? h.narrow(0, s, c) : h.narrow(0, s, c).to(at::kFloat);
+    at::mm_out(z, hc, W.t());
+    fused_rows(z.mutable_data_ptr<float>(), bp, ids + s * K, q + s * K, w ? w + s : nullptr,
+               grads ? srs.const_data_ptr<float>() + s : nullptr, c, V, K, full_normalize,
+               lossp + s, grads && bias.has_value() ? &cs : nullptr);
+    if (!grads) continue;
+    if (h32) {
+      at::Tensor ghc = gh.narrow(0, s, c);
+      at::mm_out(ghc, z, W);
+    } else {
+      at::Tensor tmp = gh32buf.narrow(0, 0, c);
+      at::mm_out(tmp, z, W);
+      gh.narrow(0, s, c).copy_(tmp);
+    }
+    if (s == 0)
+      at::mm_out(gW32, z.t(), hc);
+    else
+      gW32.addmm_(z.t(), hc);
+  }
+
+  if (!grads) return empties();
+  if (!w32) gW = gW32.to(weight.scalar_type());
+  at::Tensor gb;
+  if (bias.has_value()) {
+    at::Tensor gb32 = at::empty({V}, at::TensorOptions().dtype(at::kFloat));
+    float* o = gb32.mutable_data_ptr<float>();
+    std::memcpy(o, cs.extra.data(), sizeof(float) * V);
+    for (int64_t i = 0; i < cs.T; ++i) add_rows(o, cs.part.data() + i * V, V);
+    gb = gb_dtype == at::kFloat ? gb32 : gb32.to(gb_dtype);
+  } else {
+    gb = at::empty({0}, at::TensorOptions().dtype(gb_dtype));
+  }
+  return {loss, gh, gW, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lethe, CPU, m) {
+  m.impl("topk_kl", &topk_kl_cpu);
+  m.impl("topk_kl_backward", &topk_kl_backward_cpu);
+  m.impl("fused_linear_topk_kl", &fused_linear_topk_kl_cpu);
+}
+
+}  // namespace lethe

@@ -1,0 +1,1 @@
+"""Integrations with training stacks (Hugging Face models, plain loops)."""

@@ -1,0 +1,373 @@
+"""shred family: SHRED's teacher pass, forget-position selection, logit demotion, and the demoted
+top-K KL loss, on given logits or fused with the LM head (never materialising [N, V]).
+
+Definitions: python/lethe/ops/shred_reference.py. Backends: the compiled CPU kernels; tensors on
+other devices run the reference until their CUDA / Triton kernels exist (lethe.info says which).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lethe import _lib
+from lethe.ops import _backend
+from lethe.ops import shred_reference as ref
+
+__all__ = [
+    "teacher_topk", "select_forget_positions", "demote_targets", "topk_kl", "fused_linear_topk_kl",
+    "DEFAULT_CHUNK",
+]
+
+IGNORE_INDEX = ref.IGNORE_INDEX
+DEFAULT_CHUNK = 1024  # tokens per LM-head chunk: [chunk, V] fp32 is the peak extra memory
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("mean", "sum", "none")
+NORMALIZE = ("full", "topk")
+VARIANTS = {"A": 0, "B": 1}
+
+
+# ---------------------------------------------------------------- argument checks (cheap: no sync)
+
+def _tensor(t, name, dims=None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() not in ((dims,) if isinstance(dims, int) else dims):
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {names}, got {t.dtype}")
+
+
+def _same_device(*named):
+    devs = {t.device for _, t in named if t is not None}
+    if len(devs) > 1:
+        raise ValueError("tensors must be on one device, got " +
+                         ", ".join(f"{n} on {t.device}" for n, t in named if t is not None))
+
+
+def _check_head(hidden, weight, bias):
+    _tensor(hidden, "hidden", dtypes=FLOATS)
+    _tensor(weight, "weight", 2, FLOATS)
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dimension must equal weight.shape[1] = {weight.shape[1]}, "
+                         f"got hidden of shape {tuple(hidden.shape)}")
+    if bias is not None:
+        _tensor(bias, "bias", 1, FLOATS)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _check_chunk(chunk_size):
+    if chunk_size is None:
+        return DEFAULT_CHUNK
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _check_targets(target_ids, target_probs, n, v):
+    _tensor(target_ids, "target_ids", 2, (torch.int64,))
+    _tensor(target_probs, "target_probs", 2, FLOATS)
+    if target_ids.shape != target_probs.shape or target_ids.shape[0] != n:
+        raise ValueError(f"target_ids and target_probs must both have shape [{n}, K], got "
+                         f"{tuple(target_ids.shape)} and {tuple(target_probs.shape)}")
+    if target_ids.shape[1] > v:
+        raise ValueError(f"K = {target_ids.shape[1]} target ids exceed the vocabulary size V = {v}")
+
+
+def _row_weight(mask, weights, n, device):
+    """mask * weights as one float [N] vector (None when both are None)."""
+    if mask is None and weights is None:
+        return None
+    w = torch.ones(n, dtype=torch.float32, device=device)
+    if mask is not None:
+        _tensor(mask, "mask", dtypes=(torch.bool,))
+        if mask.numel() != n:
+            raise ValueError(f"mask must have {n} elements, got shape {tuple(mask.shape)}")
+        w = w * mask.reshape(n)
+    if weights is not None:
+        _tensor(weights, "weights", dtypes=FLOATS)
+        if weights.numel() != n:
+            raise ValueError(f"weights must have {n} elements, got shape {tuple(weights.shape)}")
+        w = w * weights.reshape(n).float()
+    return w
+
+
+def _valid_count(mask, n, device):
+    if mask is None:
+        return torch.tensor(float(n), device=device)
+    return mask.sum().float().clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------------ public ops
+
+def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optional[int] = None,
+                 backend: Optional[str] = None):
+    """The frozen teacher's pass, fused with the LM head.
+
+    hidden [..., H], weight [V, H] (tied embeddings are fine), bias [V] or None, labels [...] int64
+    (-100 = ignored). Returns (ids [..., K] int64, logprobs [..., K] fp32, label_logprob [...] fp32):
+    the teacher's top-K tokens by logit (ties by id), their log-probabilities over the full
+    vocabulary, and the label's log-probability (0 where ignored). Works chunk_size tokens at a
+    time: no [N, V] tensor is ever held. No gradient flows (the teacher is frozen)."""
+    _check_head(hidden, weight, bias)
+    _tensor(labels, "labels", dtypes=(torch.int64,))
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+                         f"dimension), got {tuple(labels.shape)}")
+    V = weight.shape[0]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= V:
+        raise ValueError(f"k must be an int in [1, V = {V}], got {k!r}")
+    chunk_size = _check_chunk(chunk_size)
+    _same_device(("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels))
+    lead = labels.shape
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1)
+    w, b = weight.detach(), None if bias is None else bias.detach()
+    if _backend.resolve("teacher_topk", h, backend) == "native":
+        ids, lp, llp = torch.ops.lethe.teacher_topk(h, w, b, lab, k, chunk_size)
+    else:
+        _check_label_range(lab, V)
+        ids, lp, llp = ref.teacher_topk_reference(h, w, b, lab, k)
+    return ids.reshape(*lead, k), lp.reshape(*lead, k), llp.reshape(lead)
+
+
+def _check_target_values(target_ids, target_probs, V):
+    """Value checks of the reference path (the compiled kernels make the same ones); skipped while
+    torch.compile traces, since they read tensor values."""
+    if torch.compiler.is_compiling():
+        return
+    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V)).any()):
+        raise ValueError(f"target_ids must be in [0, {V})")
+    if target_probs.numel():
+        p = target_probs.float()
+        s = p.sum(-1)
+        if bool((p < 0).any()) or not bool(((s - 1).abs() <= 1e-3).logical_or(s == 0).all()):
+            raise ValueError("target_probs must be non-negative with rows summing to 1 (or all zero)")
+
+
+def _check_label_range(labels, V):
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {V}) or -100, got {labels[bad][0].item()}")
+
+
+def select_forget_positions(label_logprob, labels, fraction: float = 0.5, skip: int = 0, *,
+                            backend: Optional[str] = None):
+    """Forget positions [B, T] bool: per sequence, the ceil(fraction * n) lowest label
+    log-probabilities among the valid positions (labels != -100) that follow the first `skip`
+    valid ones (ties: the earlier position). The rest are anchors."""
+    _tensor(label_logprob, "label_logprob", 2, FLOATS)
+    _tensor(labels, "labels", 2, (torch.int64,))
+    if labels.shape != label_logprob.shape:
+        raise ValueError(f"labels must have the shape of label_logprob {tuple(label_logprob.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+        raise ValueError(f"skip must be a non-negative int, got {skip!r}")
+    if _backend.resolve("select_forget_positions", labels, backend) == "native":
+        return torch.ops.lethe.select_forget_positions(label_logprob, labels, float(fraction), skip)
+    return ref.select_forget_positions_reference(label_logprob, labels, float(fraction), skip)
+
+
+def demote_targets(topk_ids, topk_logprobs, labels, forget_mask, variant: str = "A",
+                   top_p: float = 0.5, *, backend: Optional[str] = None):
+    """SHRED's targets over the teacher's top-K, [..., K] fp32.
+
+    Every row is the teacher's top-K probabilities renormalised over the K. At forget positions,
+    first the label's entry is zeroed (variant "A"), or the label's and those of the teacher's
+    top-p nucleus: the leading entries whose preceding cumulative full-vocabulary probability is
+    below top_p (variant "B"). A label outside the top-K demotes nothing. A row whose every entry
+    is demoted becomes all zeros: it then contributes no loss and no gradient."""
+    _tensor(topk_ids, "topk_ids", dtypes=(torch.int64,))
+    _tensor(topk_logprobs, "topk_logprobs", dtypes=FLOATS)
+    _tensor(labels, "labels", dtypes=(torch.int64,))
+    _tensor(forget_mask, "forget_mask", dtypes=(torch.bool,))
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() < 1:
+        raise ValueError(f"topk_ids and topk_logprobs must have one shape [..., K], got "
+                         f"{tuple(topk_ids.shape)} and {tuple(topk_logprobs.shape)}")
+    lead = topk_ids.shape[:-1]
+    if labels.shape != lead or forget_mask.shape != lead:
+        raise ValueError(f"labels and forget_mask must have shape {tuple(lead)}, got "
+                         f"{tuple(labels.shape)} and {tuple(forget_mask.shape)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be 'A' or 'B', got {variant!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    K = topk_ids.shape[-1]
+    args = (topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K), labels.reshape(-1), forget_mask.reshape(-1))
+    if _backend.resolve("demote_targets", topk_ids, backend) == "native":
+        q = torch.ops.lethe.demote_targets(*args, VARIANTS[variant], float(top_p))
+    else:
+        q = ref.demote_targets_reference(*args, variant, float(top_p))
+    return q.reshape(*lead, K)
+
+
+def topk_kl(logits, target_ids, target_probs, *, mask=None, weights=None, reduction: str = "mean",
+            normalize: str = "full", backend: Optional[str] = None):
+    """sum_t w_t KL(q_t || softmax(z_t)) over given logits [N, V], q sparse on target_ids [N, K].
+
+    normalize="full": the student's log-softmax over the whole vocabulary (SHRED); "topk": over the
+    K target ids only. mask [N] bool marks valid positions; weights [N] scales them; reduction
+    "mean" divides the sum by the number of valid positions, "sum" or "none" (per position)."""
+    _tensor(logits, "logits", 2, FLOATS)
+    N, V = logits.shape
+    _check_targets(target_ids, target_probs, N, V)
+    _check_reduce(reduction, normalize)
+    row_w = _row_weight(mask, weights, N, logits.device)
+    full = normalize == "full"
+    if _backend.resolve("topk_kl", logits, backend) == "native":
+        loss, _ = torch.ops.lethe.topk_kl(logits, target_ids, target_probs, row_w, full)
+    else:
+        _check_target_values(target_ids, target_probs, V)
+        loss = ref.topk_kl_reference(logits, target_ids, target_probs, None, row_w, "none", normalize)
+    return _reduce(loss, reduction, mask, N)
+
+
+def _check_reduce(reduction, normalize):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+
+
+def _reduce(loss, reduction, mask, n):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / _valid_count(mask, n, loss.device)
+
+
+class _FusedLinearTopkKL(torch.autograd.Function):
+    """Scalar (mean / sum) loss whose gradients the op computes in its forward pass, chunk by
+    chunk; backward only scales them by the incoming scalar gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, target_probs, row_w, scale, full, chunk):
+        need = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        grad_scale = None
+        if need:
+            grad_scale = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device) * scale
+        loss, gh, gw, gb = torch.ops.lethe.fused_linear_topk_kl(
+            hidden, weight, bias, target_ids, target_probs, row_w, grad_scale, full, chunk)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.has_bias = bias is not None
+        return (loss.sum() * scale).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw, gb = ctx.saved_tensors
+        return (gh * g.to(gh.dtype) if ctx.needs_input_grad[0] else None,
+                gw * g.to(gw.dtype) if ctx.needs_input_grad[1] else None,
+                gb * g.to(gb.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None)
+
+
+def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None, mask=None,
+                         weights=None, reduction: str = "mean", normalize: str = "full",
+                         chunk_size: Optional[int] = None, backend: Optional[str] = None):
+    """topk_kl on the logits hidden @ weight.T + bias, fused with the LM head: chunk_size tokens at a
+    time, gradients for hidden, weight and bias computed in the same pass (the way Liger-Kernel's
+    fused linear cross-entropy does), so the peak extra memory is one [chunk_size, V] fp32 block.
+
+    hidden [N, H] (or [..., H] with targets [..., K]); arguments otherwise as topk_kl."""
+    _check_head(hidden, weight, bias)
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H)
+    N, V = h.shape[0], weight.shape[0]
+    _tensor(target_ids, "target_ids", dtypes=(torch.int64,))
+    _tensor(target_probs, "target_probs", dtypes=FLOATS)
+    if target_ids.shape[:-1] != hidden.shape[:-1] or target_probs.shape != target_ids.shape:
+        raise ValueError(f"target_ids and target_probs must both have shape {tuple(hidden.shape[:-1])} + (K,), "
+                         f"got {tuple(target_ids.shape)} and {tuple(target_probs.shape)}")
+    tid, tpr = target_ids.reshape(N, -1), target_probs.reshape(N, -1)
+    _check_targets(tid, tpr, N, V)
+    _check_reduce(reduction, normalize)
+    chunk = _check_chunk(chunk_size)
+    _same_device(("hidden", hidden), ("weight", weight), ("bias", bias), ("target_ids", target_ids),
+                 ("target_probs", target_probs))
+    row_w = _row_weight(mask, weights, N, h.device)
+    full = normalize == "full"
+    if _backend.resolve("fused_linear_topk_kl", h, backend) != "native":
+        _check_target_values(tid, tpr, V)
+        loss = ref.fused_linear_topk_kl_reference(h, weight, bias, tid, tpr, None, row_w, "none", normalize)
+        return _reduce(loss, reduction, mask, N)
+    if reduction == "none":  # per-position gradients are only known in backward: recompute there
+        loss, _, _, _ = torch.ops.lethe.fused_linear_topk_kl(h, weight, bias, tid, tpr, row_w, None, full, chunk)
+        return loss.reshape(hidden.shape[:-1])
+    scale = 1.0 / _valid_count(mask, N, h.device) if reduction == "mean" else torch.tensor(1.0, device=h.device)
+    return _FusedLinearTopkKL.apply(h, weight, bias, tid, tpr, row_w, scale, full, chunk)
+
+
+# ---- registration: fake kernels and autograd of the compiled ops ----
+
+def _fake_teacher_topk(hidden, weight, bias, labels, k, chunk_size):
+    n = hidden.shape[0]
+    return (hidden.new_empty((n, k), dtype=torch.int64), hidden.new_empty((n, k), dtype=torch.float32),
+            hidden.new_empty((n,), dtype=torch.float32))
+
+
+def _fake_select(label_logprob, labels, fraction, skip):
+    return labels.new_empty(labels.shape, dtype=torch.bool)
+
+
+def _fake_demote(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p):
+    return topk_logprobs.new_empty(topk_ids.shape, dtype=torch.float32)
+
+
+def _fake_topk_kl(logits, target_ids, target_probs, row_weight, full_normalize):
+    n = logits.shape[0]
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+
+
+def _fake_topk_kl_backward(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_fused(hidden, weight, bias, target_ids, target_probs, row_weight, grad_row_scale,
+                full_normalize, chunk_size):
+    loss = hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
+    if grad_row_scale is None:
+        e = hidden.new_empty((0,))
+        return loss, e, e.clone(), e.clone()
+    gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+def _topk_kl_setup(ctx, inputs, output):
+    logits, ids, probs, row_w, full = inputs
+    ctx.full = full
+    ctx.save_for_backward(logits, ids, probs, output[1], row_w)
+
+
+def _topk_kl_bwd(ctx, grad_loss, grad_lse):
+    logits, ids, probs, lse, row_w = ctx.saved_tensors
+    g = torch.ops.lethe.topk_kl_backward(grad_loss.contiguous(), logits, ids, probs, lse, row_w, ctx.full)
+    return g, None, None, None, None
+
+
+def _fused_setup(ctx, inputs, output):
+    hidden, weight, bias, ids, probs, row_w, _, full, chunk = inputs
+    ctx.args = (full, chunk)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, ids, probs, row_w)
+
+
+def _fused_bwd(ctx, grad_loss, *_unused):
+    hidden, weight, bias, ids, probs, row_w = ctx.saved_tensors
+    _, gh, gw, gb = torch.ops.lethe.fused_linear_topk_kl(
+        hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args)
+    return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
+
+
+_lib.register("teacher_topk", _fake_teacher_topk)
+_lib.register("select_forget_positions", _fake_select)
+_lib.register("demote_targets", _fake_demote)
+_lib.register("topk_kl", _fake_topk_kl, _topk_kl_bwd, _topk_kl_setup)
+_lib.register("topk_kl_backward", _fake_topk_kl_backward)
+_lib.register("fused_linear_topk_kl", _fake_fused, _fused_bwd, _fused_setup)

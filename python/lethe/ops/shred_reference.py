@@ -1,0 +1,124 @@
+"""Pure-PyTorch reference of the shred family: the definitions every SHRED kernel is tested against.
+
+SHRED (retain-set-free unlearning by self-distillation with logit demotion), per DESIGN.md:
+  1. teacher_topk: one frozen teacher pass per forget example gives, per token, the teacher's top-K
+     token ids and log-probabilities (normalised over the full vocabulary) and the label's
+     log-probability.
+  2. select_forget_positions: per sequence, the lowest-P fraction of label log-probabilities
+     (skipping the first S valid positions) are forget positions; the rest are anchors.
+  3. demote_targets: the target q over the top-K: at forget positions the label (variant A), or
+     also the teacher's top-p nucleus (variant B), is zeroed; q is renormalised over the top-K.
+  4. topk_kl: sum_t KL(q_t || softmax(z_t)), forward KL, T = 1; log-softmax over the full
+     vocabulary (or, with normalize="topk", over the K target ids).
+
+All arithmetic in fp32; inputs may be fp32, fp16 or bf16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _logits(hidden, weight, bias):
+    z = hidden.float() @ weight.float().t()
+    return z + bias.float() if bias is not None else z
+
+
+def teacher_topk_reference(hidden, weight, bias, labels, k):
+    """(topk_ids [N,K] int64, topk_logprobs [N,K] fp32, label_logprob [N] fp32).
+
+    Ids are sorted by logit, descending; equal logits by ascending id. label_logprob is 0 where
+    labels == -100."""
+    z = _logits(hidden, weight, bias)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    # stable sort by (-logit, id): sort ids ascending first is implicit since sort is stable
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+    ids = order
+    lp = torch.gather(z, 1, ids) - lse
+    valid = labels != IGNORE_INDEX
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    label_lp = torch.gather(z, 1, safe[:, None]).squeeze(1) - lse.squeeze(1)
+    label_lp = torch.where(valid, label_lp, torch.zeros_like(label_lp))
+    return ids, lp, label_lp
+
+
+def select_forget_positions_reference(label_logprob, labels, fraction, skip):
+    """Forget mask [B,T] bool: per row, among valid positions (labels != -100) after the first
+    `skip` valid ones, the ceil(fraction * n) with the lowest label log-probability (ties: the
+    earlier position first)."""
+    B, T = label_logprob.shape
+    out = torch.zeros(B, T, dtype=torch.bool, device=label_logprob.device)
+    for b in range(B):
+        pos = torch.nonzero(labels[b] != IGNORE_INDEX).flatten()[skip:]
+        n = pos.numel()
+        m = math.ceil(fraction * n - 1e-9) if n else 0
+        if m == 0:
+            continue
+        vals = label_logprob[b, pos].float()
+        order = torch.sort(vals, stable=True).indices[:m]
+        out[b, pos[order]] = True
+    return out
+
+
+def demote_targets_reference(topk_ids, topk_logprobs, labels, forget_mask, variant="A", top_p=0.5):
+    """Target probabilities [N,K] fp32 over topk_ids. Rows where every entry was demoted are all
+    zero (they then contribute no loss)."""
+    p = topk_logprobs.float().exp()
+    keep = torch.ones_like(p, dtype=torch.bool)
+    forget = forget_mask.reshape(-1)[:, None]
+    is_label = topk_ids == labels.reshape(-1)[:, None]
+    demote = is_label
+    if variant == "B":
+        # nucleus of the teacher's full-vocabulary distribution: entries up to and including the
+        # one whose cumulative probability first reaches top_p
+        before = torch.cumsum(p, dim=-1) - p
+        demote = demote | (before < top_p)
+    keep = ~(forget & demote)
+    q = p * keep
+    s = q.sum(-1, keepdim=True)
+    return torch.where(s > 0, q / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(q))
+
+
+def topk_kl_reference(logits, target_ids, target_probs, mask=None, weights=None, reduction="mean",
+                      normalize="full"):
+    """KL(q || softmax(z)) per position; reduction over valid positions (mask), mean = sum / #valid."""
+    z = logits.float()
+    q = target_probs.float()
+    zk = torch.gather(z, 1, target_ids)
+    if normalize == "full":
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    else:
+        lse = torch.logsumexp(zk, dim=-1, keepdim=True)
+    logp = zk - lse
+    qlogq = torch.where(q > 0, q * torch.log(torch.where(q > 0, q, torch.ones_like(q))), torch.zeros_like(q))
+    kl = (qlogq - q * logp).sum(-1)
+    if weights is not None:
+        kl = kl * weights.float()
+    if mask is not None:
+        kl = kl * mask.float()
+    if reduction == "none":
+        return kl
+    if reduction == "sum":
+        return kl.sum()
+    n = mask.sum() if mask is not None else torch.tensor(kl.numel(), device=kl.device)
+    return kl.sum() / n.clamp(min=1)
+
+
+def fused_linear_topk_kl_reference(hidden, weight, bias, target_ids, target_probs, mask=None,
+                                   weights=None, reduction="mean", normalize="full"):
+    return topk_kl_reference(_logits(hidden, weight, bias), target_ids, target_probs, mask, weights,
+                             reduction, normalize)
+
+
+def shred_targets_reference(hidden, weight, bias, labels, k, fraction=0.5, skip=0, variant="A",
+                            top_p=0.5, seq_shape: Optional[tuple] = None):
+    """Teacher pass + selection + demotion, for [B,T] labels and hidden [B*T,H]."""
+    ids, lp, label_lp = teacher_topk_reference(hidden, weight, bias, labels.reshape(-1), k)
+    shape = seq_shape or labels.shape
+    forget = select_forget_positions_reference(label_lp.reshape(shape), labels.reshape(shape), fraction, skip)
+    q = demote_targets_reference(ids, lp, labels.reshape(-1), forget.reshape(-1), variant, top_p)
+    return ids, q, forget

@@ -1,0 +1,256 @@
+"""shred family through the public API: native CPU kernels against the reference with gradients,
+reductions, opcheck, torch.compile, ShredLoss, the Hugging Face helper, and bad input."""
+import pytest
+import torch
+from torch import nn
+
+import lethe
+from lethe.nn import ShredLoss
+from lethe.ops import shred as S
+from lethe.ops import shred_reference as R
+
+
+def _problem(N=37, H=19, V=101, K=7, seed=0, dtype=torch.float32, bias=True, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * scale / H**0.5
+    b = torch.randn(V, generator=g) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::5] = -100
+    ids, lp, _ = R.teacher_topk_reference(hidden, weight, b, labels, K)
+    forget = torch.rand(N, generator=g) < 0.5
+    q = R.demote_targets_reference(ids, lp, labels, forget)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), labels, ids, q
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("normalize", ["full", "topk"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_topk_kl_matches_reference_with_gradients(reduction, normalize, bias):
+    hidden, weight, b, labels, ids, q = _problem(bias=bias)
+    mask = labels != -100
+    w = torch.rand(hidden.shape[0]) + 0.5
+    params = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    if bias:
+        params.append(b.clone().requires_grad_(True))
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+
+    def run(ps, backend):
+        out = S.fused_linear_topk_kl(ps[0], ps[1], ids, q, bias=ps[2] if bias else None, mask=mask,
+                                     weights=w, reduction=reduction, normalize=normalize,
+                                     chunk_size=5, backend=backend)
+        gy = torch.randn_like(out, generator=torch.Generator().manual_seed(1)) if out.dim() else torch.tensor(1.7)
+        return out, torch.autograd.grad(out, ps, gy)
+
+    out, grads = run(params, None)
+    out_ref, grads_ref = run(ref_params, "reference")
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("normalize", ["full", "topk"])
+def test_topk_kl_matches_reference_with_gradients(reduction, normalize):
+    hidden, weight, b, labels, ids, q = _problem()
+    logits = (hidden @ weight.t() + b).requires_grad_(True)
+    mask = labels != -100
+    outs = []
+    for backend in (None, "reference"):
+        out = S.topk_kl(logits, ids, q, mask=mask, reduction=reduction, normalize=normalize, backend=backend)
+        gy = torch.ones_like(out) * 0.3
+        (g,) = torch.autograd.grad(out, logits, gy)
+        outs.append((out, g))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_is_softmax_minus_q():
+    # DESIGN: gradient wrt logits = softmax(z) - q (K-sparse q), for sum reduction, full vocabulary
+    hidden, weight, b, labels, ids, q = _problem(N=6, V=30, K=5)
+    z = (hidden @ weight.t() + b).requires_grad_(True)
+    loss = S.topk_kl(z, ids, q, reduction="sum")
+    (g,) = torch.autograd.grad(loss, z)
+    expect = torch.softmax(z.detach(), -1) * q.sum(-1, keepdim=True)
+    expect.scatter_add_(1, ids, -q)
+    torch.testing.assert_close(g, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_all_positions_ignored_gives_zero_loss_and_gradient():
+    hidden, weight, b, labels, ids, q = _problem(N=8)
+    h = hidden.clone().requires_grad_(True)
+    loss = S.fused_linear_topk_kl(h, weight, ids, q, bias=b, mask=torch.zeros(8, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_low_precision_inputs_accumulate_in_fp32():
+    hidden, weight, b, labels, ids, q = _problem(dtype=torch.float16)
+    h = hidden.clone().requires_grad_(True)
+    loss = S.fused_linear_topk_kl(h, weight, ids, q, bias=b)
+    loss.backward()
+    ref = R.fused_linear_topk_kl_reference(hidden.float(), weight.float(), b.float(), ids, q)
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.float16
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_teacher_pipeline_matches_reference():
+    B, T, H, V, K = 3, 11, 16, 53, 8
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100
+    labels[2] = -100  # a fully padded sequence
+    ids, lp, llp = S.teacher_topk(hidden, weight, labels, K, chunk_size=4)
+    assert ids.shape == (B, T, K) and lp.shape == (B, T, K) and llp.shape == (B, T)
+    r_ids, r_lp, r_llp = R.teacher_topk_reference(hidden.reshape(-1, H), weight, None, labels.reshape(-1), K)
+    assert torch.equal(ids.reshape(-1, K), r_ids)
+    torch.testing.assert_close(lp.reshape(-1, K), r_lp)
+    torch.testing.assert_close(llp.reshape(-1), r_llp)
+    forget = S.select_forget_positions(llp, labels, 0.5, skip=2)
+    assert torch.equal(forget, R.select_forget_positions_reference(llp, labels, 0.5, 2))
+    assert not forget[2].any()
+    for variant in ("A", "B"):
+        qq = S.demote_targets(ids, lp, labels, forget, variant, 0.3)
+        rq = R.demote_targets_reference(ids.reshape(-1, K), lp.reshape(-1, K), labels.reshape(-1),
+                                        forget.reshape(-1), variant, 0.3)
+        torch.testing.assert_close(qq.reshape(-1, K), rq)
+
+
+def test_shred_loss_end_to_end_against_full_logits():
+    torch.manual_seed(0)
+    B, T, H, V = 2, 9, 24, 61
+    teacher_h = torch.randn(B, T, H)
+    head = nn.Linear(H, V)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, -3:] = -100
+    loss_fn = ShredLoss(k=8, fraction=0.5, skip=1, variant="B", top_p=0.4, chunk_size=4)
+    tg = loss_fn.targets(teacher_h, head.weight, labels, head.bias)
+    assert tg.forget.sum() > 0 and not (tg.forget & ~tg.valid).any()
+    student_h = (teacher_h + 0.1 * torch.randn(B, T, H)).requires_grad_(True)
+    loss = loss_fn(student_h, head.weight, tg, head.bias)
+    loss.backward()
+    # the same loss from materialised logits, by the reference
+    z = (student_h.detach() @ head.weight.t() + head.bias).reshape(-1, V).requires_grad_(True)
+    ref = R.topk_kl_reference(z, tg.ids.reshape(-1, 8), tg.probs.reshape(-1, 8), tg.valid.reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert head.weight.grad is not None and student_h.grad.abs().sum() > 0
+    # demotion: the label's target probability is zero at every forget position
+    lab = labels.clamp(min=0)[..., None]
+    hit = (tg.ids == lab) & tg.forget[..., None]
+    assert (tg.probs[hit] == 0).all()
+
+
+def test_compile_training_step_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    N, H, V, K = 24, 16, 40, 6
+    model = nn.Sequential(nn.Linear(H, H), nn.Tanh())
+    head = nn.Linear(H, V)
+    x = torch.randn(N, H)
+    ids, lp, _ = R.teacher_topk_reference(x, head.weight.detach(), head.bias.detach(), torch.zeros(N, dtype=torch.long), K)
+    q = torch.softmax(lp, -1)
+
+    def step(x):
+        return S.fused_linear_topk_kl(model(x), head.weight, ids, q, bias=head.bias, chunk_size=7)
+
+    eager = step(x)
+    ge = torch.autograd.grad(eager, list(model.parameters()) + list(head.parameters()))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    gc = torch.autograd.grad(out, list(model.parameters()) + list(head.parameters()))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _opcheck_inputs():
+    hidden, weight, b, labels, ids, q = _problem(N=9, H=8, V=20, K=4)
+    rw = torch.rand(9)
+    return hidden, weight, b, labels, ids, q, rw
+
+
+def test_opcheck_shred_ops():
+    hidden, weight, b, labels, ids, q, rw = _opcheck_inputs()
+    ops = torch.ops.lethe
+    torch.library.opcheck(ops.teacher_topk.default, (hidden, weight, b, labels, 4, 4))
+    lp = torch.log_softmax(torch.randn(3, 5), -1)
+    lab = torch.randint(0, 20, (3, 5))
+    lab[0, 0] = -100
+    torch.library.opcheck(ops.select_forget_positions.default, (lp, lab, 0.5, 1))
+    tk_ids, tk_lp, _ = R.teacher_topk_reference(hidden, weight, b, labels, 4)
+    torch.library.opcheck(ops.demote_targets.default, (tk_ids, tk_lp, labels.clamp(min=0), labels > 3, 1, 0.5))
+    logits = (hidden @ weight.t()).requires_grad_(True)
+    for full in (True, False):
+        torch.library.opcheck(ops.topk_kl.default, (logits, ids, q, rw, full))
+        torch.library.opcheck(ops.topk_kl.default, (logits, ids, q, None, full))
+        lse = torch.logsumexp(logits.detach(), -1)
+        torch.library.opcheck(ops.topk_kl_backward.default, (torch.rand(9), logits.detach(), ids, q, lse, rw, full))
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    torch.library.opcheck(ops.fused_linear_topk_kl.default, (h, w, b, ids, q, rw, None, True, 4))
+    torch.library.opcheck(ops.fused_linear_topk_kl.default, (h.detach(), w.detach(), None, ids, q, None, torch.rand(9), False, 3))
+
+
+def test_native_kernels_are_used_on_cpu():
+    from lethe import _lib
+    for op in ("teacher_topk", "select_forget_positions", "demote_targets", "topk_kl",
+               "topk_kl_backward", "fused_linear_topk_kl"):
+        assert _lib.has_kernel(op, "CPU"), op
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda p: S.teacher_topk(p[0], p[1], p[3], 0), ValueError, "k must be"),
+        (lambda p: S.teacher_topk(p[0], p[1], p[3], 102), ValueError, "k must be"),
+        (lambda p: S.teacher_topk(p[0][:, :5], p[1], p[3], 3), ValueError, "hidden's last dimension"),
+        (lambda p: S.teacher_topk(p[0], p[1], p[3][:4], 3), ValueError, "labels must have shape"),
+        (lambda p: S.teacher_topk(p[0], p[1], torch.full_like(p[3], 101), 3), (ValueError, RuntimeError), "labels"),
+        (lambda p: S.teacher_topk(p[0], p[1], p[3].int(), 3), TypeError, "labels must be int64"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4][:3], p[5][:3]), ValueError, "target_ids and target_probs"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], -p[5]), (ValueError, RuntimeError), "target_probs"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5] * 2), (ValueError, RuntimeError), "target_probs"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4] + 200, p[5]), (ValueError, RuntimeError), "target_ids"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], reduction="avg"), ValueError, "reduction must be"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], normalize="k"), ValueError, "normalize must be"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], chunk_size=0), ValueError, "chunk_size"),
+        (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have"),
+        (lambda p: S.topk_kl(p[0][:, :5], p[4], p[5]), ValueError, "K = 7 target ids exceed"),
+        (lambda p: S.select_forget_positions(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 1.5), ValueError, "fraction"),
+        (lambda p: S.select_forget_positions(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 0.5, -1), ValueError, "skip"),
+        (lambda p: S.demote_targets(p[4], p[5].log(), p[3], p[3] > 0, "C"), ValueError, "variant"),
+        (lambda p: S.demote_targets(p[4], p[5].log(), p[3], p[3] > 0, "B", 0.0), ValueError, "top_p"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    hidden, weight, b, labels, ids, q = _problem()
+    with pytest.raises(exc, match=match):
+        call((hidden, weight, b, labels, ids, q))
+
+
+def test_hf_causal_lm_helper():
+    import transformers  # a test dependency (make deps installs it)
+    from lethe.integrations import hf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    teacher = transformers.LlamaForCausalLM(cfg)
+    student = transformers.LlamaForCausalLM(cfg)
+    student.load_state_dict(teacher.state_dict())
+    batch = {"input_ids": torch.randint(0, 97, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    batch["attention_mask"][1, -2:] = 0
+    loss_fn = ShredLoss(k=16, fraction=0.5, chunk_size=8)
+    tg = hf.shred_targets(teacher, batch, loss_fn)
+    assert tg.ids.shape == (2, 9, 16) and not tg.valid[1, -2:].any()
+    loss = hf.shred_loss(student, batch, tg, loss_fn)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0  # the demoted label makes q differ from the teacher
+    assert student.lm_head.weight.grad is not None
+    # the same number from the model's own full logits
+    logits = student(**batch).logits[:, :-1].reshape(-1, 97).detach()
+    ref = R.topk_kl_reference(logits, tg.ids.reshape(-1, 16), tg.probs.reshape(-1, 16), tg.valid.reshape(-1))
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-4, atol=1e-5)
