@@ -2,7 +2,8 @@
 //   teacher_topk             the teacher pass fused with the LM head, chunk_size tokens at a time;
 //   select_forget_positions  per sequence, the lowest label log-probs after the first `skip`;
 //   demote_targets           renormalised top-K teacher probs with the label / nucleus zeroed.
-// All arithmetic in fp32 (sums of many terms accumulate in double). Orderings follow torch.sort:
+// All arithmetic in fp32 (teacher_topk's log-sum-exp: the fp32 vector pass of vec.h; other sums of
+// many terms accumulate in double). Orderings follow torch.sort:
 // NaN counts as larger than every number; equal values keep ascending id / position order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +22,7 @@
 
 #include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
+#include "vec.h"
 
 namespace lethe {
 namespace {
@@ -82,10 +84,10 @@ void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
 }
 
-// One row of logits z[0..V): top-K (value desc, id asc) into ids/lp and the log-sum-exp.
-void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vector<Entry>& heap,
-                 int64_t* ids, float* lp, float* label_lp) {
-  // log-sum-exp as torch.logsumexp: max-subtracted, an infinite max replaced by 0, NaN propagates
+// log-sum-exp of a row as torch.logsumexp: max-subtracted, an infinite max replaced by 0, NaN
+// propagates. The exact scalar pass (double accumulator); used only for rows whose max is not
+// finite, which the vector pass does not cover.
+float lse_scalar(const float* z, int64_t V) {
   float m = -std::numeric_limits<float>::infinity();
   bool nan = false;
   for (int64_t i = 0; i < V; ++i) {
@@ -93,31 +95,75 @@ void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vecto
     nan |= std::isnan(v);
     m = v > m ? v : m;
   }
-  float lse;
-  if (nan) {
-    lse = std::numeric_limits<float>::quiet_NaN();
-  } else {
-    if (std::isinf(m)) m = 0.0f;
-    double s = 0.0;
-    for (int64_t i = 0; i < V; ++i) s += static_cast<double>(std::exp(z[i] - m));
-    lse = std::log(static_cast<float>(s)) + m;
-  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  if (std::isinf(m)) m = 0.0f;
+  double s = 0.0;
+  for (int64_t i = 0; i < V; ++i) s += static_cast<double>(std::exp(z[i] - m));
+  return std::log(static_cast<float>(s)) + m;
+}
 
-  // top-K with a size-K heap whose top is the worst kept entry. Ids arrive in ascending order,
-  // so a later entry equal to the worst one never displaces it.
-  auto better = [](const Entry& a, const Entry& b) { return desc_before(a.v, a.id, b.v, b.id); };
-  heap.resize(K);
+// Row log-sum-exp: the vector max / sum-exp pass (fp32 accumulation, as the KL kernels); a NaN
+// anywhere reaches the sum through vexp. Rows with an infinite max (or only -inf, where the
+// online pass skips NaN blocks) go to the scalar pass.
+inline float row_lse(const float* z, int64_t V) {
+  float m, s;
+  row_max_sumexp(z, nullptr, V, &m, &s);
+  if (!std::isfinite(m)) return lse_scalar(z, V);
+  return m + std::log(s);
+}
+
+inline bool entry_better(const Entry& a, const Entry& b) {
+  return desc_before(a.v, a.id, b.v, b.id);
+}
+
+// Offer z[i] (ids ascending) to the size-K heap whose top is the worst kept entry.
+LETHE_INLINE void heap_offer(Entry* heap, int64_t K, float v, int64_t i) {
+  const Entry e{v, i};
+  if (entry_better(e, heap[0])) {
+    std::pop_heap(heap, heap + K, entry_better);
+    heap[K - 1] = e;
+    std::push_heap(heap, heap + K, entry_better);
+  }
+}
+
+// Top-K of z[0..V) into heap[0..K) (a heap, worst on top). Only an element that is NaN or
+// larger than the worst kept value can enter (ids ascend, so an equal later one never
+// displaces it): a 16-lane pre-filter against that threshold skips vectors with no candidate,
+// and candidates still go through the exact order (value desc, NaN first, id asc).
+LETHE_CLONES void row_topk(const float* z, int64_t V, int64_t K, Entry* heap) {
   for (int64_t i = 0; i < K; ++i) heap[i] = {z[i], i};
-  std::make_heap(heap.begin(), heap.end(), better);
-  for (int64_t i = K; i < V; ++i) {
-    const Entry e{z[i], i};
-    if (better(e, heap.front())) {
-      std::pop_heap(heap.begin(), heap.end(), better);
-      heap.back() = e;
-      std::push_heap(heap.begin(), heap.end(), better);
+  std::make_heap(heap, heap + K, entry_better);
+  int64_t i = K;
+  const int64_t head = std::min(V, (K + kLanes - 1) / kLanes * kLanes);
+  for (; i < head; ++i) heap_offer(heap, K, z[i], i);  // up to the next multiple of 16
+  float thr = heap[0].v;
+  const int64_t nv = i + (V - i) / kLanes * kLanes;
+  for (; i < nv; i += kLanes) {
+    if (thr != thr) return;  // the whole heap is NaN: nothing later can enter
+    const F16v x = loadu(z + i);
+    // lanes with !(x <= thr): x > thr or x NaN
+    const I16v c = ~(x <= splat(thr));
+    uint64_t q[8];
+    std::memcpy(q, &c, sizeof(q));
+    if ((q[0] | q[1] | q[2] | q[3] | q[4] | q[5] | q[6] | q[7]) == 0) continue;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = z[i + j];
+      if (!(v <= thr)) {
+        heap_offer(heap, K, v, i + j);
+        thr = heap[0].v;
+      }
     }
   }
-  std::sort_heap(heap.begin(), heap.end(), better);  // best first
+  for (; i < V; ++i) heap_offer(heap, K, z[i], i);
+}
+
+// One row of logits z[0..V): top-K (value desc, id asc) into ids/lp and the log-sum-exp.
+void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vector<Entry>& heap,
+                 int64_t* ids, float* lp, float* label_lp) {
+  const float lse = row_lse(z, V);
+  heap.resize(K);
+  row_topk(z, V, K, heap.data());
+  std::sort_heap(heap.begin(), heap.end(), entry_better);  // best first
   for (int64_t j = 0; j < K; ++j) {
     ids[j] = heap[j].id;
     lp[j] = heap[j].v - lse;

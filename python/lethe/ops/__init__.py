@@ -10,13 +10,14 @@ __all__ = ["BACKENDS", "get_backend", "set_backend", "cpu_cache_info", "empty_cp
            "teacher_topk", "select_forget_positions", "demote_targets", "topk_kl", "fused_linear_topk_kl"]
 
 # Every op and the kernels it has besides its pure-PyTorch reference ("cpu" and "cuda": compiled,
-# "triton"). lethe.info and the build tests read this; the shred family's GPU kernels are to come.
+# "triton"). lethe.info and the build tests read this. The shred family has no CUDA kernels yet:
+# on GPUs its losses run in Triton, its teacher-side ops in the reference.
 OPS = {
     "fake_quantize": ("cpu", "cuda", "triton"),
     "teacher_topk": ("cpu",),
     "select_forget_positions": ("cpu",),
     "demote_targets": ("cpu",),
-    "topk_kl": ("cpu",),
-    "topk_kl_backward": ("cpu",),
-    "fused_linear_topk_kl": ("cpu",),
+    "topk_kl": ("cpu", "triton"),
+    "topk_kl_backward": ("cpu", "triton"),
+    "fused_linear_topk_kl": ("cpu", "triton"),
 }

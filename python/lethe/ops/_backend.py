@@ -35,7 +35,18 @@ def get_backend() -> str:
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return module_exists("triton")
+
+
+# Ops that have a Triton implementation registered (each op module adds its own at import).
+TRITON_OPS: set = set()
+
+
+def module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing
+        return False
 
 
 def triton_interpreted() -> bool:
@@ -63,7 +74,8 @@ def _resolve(op: str, dev: str, name: str) -> str:
 def _choose(op: str, dev: str, name: str) -> str:
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(dev)
     native = key is not None and (dev == "meta" and _lib.has_op(op) or _lib.has_kernel(op, key or ""))
-    triton_ok = triton_available() and (dev in ("cuda", "xpu") or (dev == "cpu" and triton_interpreted()))
+    triton_ok = (op in TRITON_OPS and triton_available()
+                 and (dev in ("cuda", "xpu") or (dev == "cpu" and triton_interpreted())))
     if name == "native":
         if not native:
             raise RuntimeError(
@@ -74,9 +86,10 @@ def _choose(op: str, dev: str, name: str) -> str:
     if name == "triton":
         if not triton_ok:
             raise RuntimeError(
-                f"backend='triton' cannot run {op} on device {dev!r}: Triton "
-                + ("is not installed" if not triton_available() else
-                   "runs on GPUs, or on CPU tensors only under TRITON_INTERPRET=1")
+                f"backend='triton' cannot run {op} on device {dev!r}: "
+                + ("it has no Triton kernel" if op not in TRITON_OPS else
+                   "Triton is not installed" if not triton_available() else
+                   "Triton runs on GPUs, or on CPU tensors only under TRITON_INTERPRET=1")
             )
         return "triton"
     if name == "reference":

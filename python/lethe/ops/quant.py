@@ -194,7 +194,7 @@ def _backward(ctx, grad_y, grad_mask):
 
 _lib.register("fake_quantize", _fake, _backward, _setup_context)
 
-if _backend.triton_available():
+if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.quant"):
 
     @torch.library.custom_op("lethe::fake_quantize_triton", mutates_args=())
     def _fake_quantize_triton(
@@ -207,3 +207,4 @@ if _backend.triton_available():
 
     _fake_quantize_triton.register_fake(_fake)
     _fake_quantize_triton.register_autograd(_backward, setup_context=_setup_context)
+    _backend.TRITON_OPS.add("fake_quantize")

@@ -16,11 +16,12 @@ from lethe.ops import shred_reference as ref
 
 __all__ = [
     "teacher_topk", "select_forget_positions", "demote_targets", "topk_kl", "fused_linear_topk_kl",
-    "DEFAULT_CHUNK",
+    "default_chunk",
 ]
 
 IGNORE_INDEX = ref.IGNORE_INDEX
-DEFAULT_CHUNK = 1024  # tokens per LM-head chunk: [chunk, V] fp32 is the peak extra memory
+CHUNK_BYTES = 64 << 20  # default LM-head chunk: a [chunk, V] fp32 block of at most 64 MiB
+MIN_CHUNK, MAX_CHUNK = 128, 2048  # below 128 rows the matmuls lose speed (measured here)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZE = ("full", "topk")
@@ -58,9 +59,16 @@ def _check_head(hidden, weight, bias):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-def _check_chunk(chunk_size):
+def default_chunk(vocab: int) -> int:
+    """Tokens per chunk when chunk_size is None: the largest power of two whose [chunk, V] fp32
+    block fits CHUNK_BYTES, within [MIN_CHUNK, MAX_CHUNK] (512 at V = 32k, 128 at V = 128k)."""
+    rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    return max(MIN_CHUNK, min(MAX_CHUNK, 1 << (rows.bit_length() - 1)))
+
+
+def _check_chunk(chunk_size, vocab):
     if chunk_size is None:
-        return DEFAULT_CHUNK
+        return default_chunk(vocab)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
@@ -119,7 +127,7 @@ def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optio
     V = weight.shape[0]
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= V:
         raise ValueError(f"k must be an int in [1, V = {V}], got {k!r}")
-    chunk_size = _check_chunk(chunk_size)
+    chunk_size = _check_chunk(chunk_size, V)
     _same_device(("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels))
     lead = labels.shape
     h = hidden.detach().reshape(-1, hidden.shape[-1])
@@ -220,8 +228,10 @@ def topk_kl(logits, target_ids, target_probs, *, mask=None, weights=None, reduct
     _check_reduce(reduction, normalize)
     row_w = _row_weight(mask, weights, N, logits.device)
     full = normalize == "full"
-    if _backend.resolve("topk_kl", logits, backend) == "native":
-        loss, _ = torch.ops.lethe.topk_kl(logits, target_ids, target_probs, row_w, full)
+    which = _backend.resolve("topk_kl", logits, backend)
+    if which != "reference":
+        op = torch.ops.lethe.topk_kl if which == "native" else torch.ops.lethe.topk_kl_triton
+        loss, _ = op(logits, target_ids, target_probs, row_w, full)
     else:
         _check_target_values(target_ids, target_probs, V)
         loss = ref.topk_kl_reference(logits, target_ids, target_probs, None, row_w, "none", normalize)
@@ -248,13 +258,13 @@ class _FusedLinearTopkKL(torch.autograd.Function):
     chunk; backward only scales them by the incoming scalar gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_ids, target_probs, row_w, scale, full, chunk):
+    def forward(ctx, hidden, weight, bias, target_ids, target_probs, row_w, scale, full, chunk, which):
         need = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
         grad_scale = None
         if need:
             grad_scale = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device) * scale
-        loss, gh, gw, gb = torch.ops.lethe.fused_linear_topk_kl(
-            hidden, weight, bias, target_ids, target_probs, row_w, grad_scale, full, chunk)
+        op = torch.ops.lethe.fused_linear_topk_kl if which == "native" else torch.ops.lethe.fused_linear_topk_kl_triton
+        loss, gh, gw, gb = op(hidden, weight, bias, target_ids, target_probs, row_w, grad_scale, full, chunk)
         ctx.save_for_backward(gh, gw, gb)
         ctx.has_bias = bias is not None
         return (loss.sum() * scale).to(torch.float32)
@@ -262,10 +272,16 @@ class _FusedLinearTopkKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gh, gw, gb = ctx.saved_tensors
-        return (gh * g.to(gh.dtype) if ctx.needs_input_grad[0] else None,
-                gw * g.to(gw.dtype) if ctx.needs_input_grad[1] else None,
-                gb * g.to(gb.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None)
+        # The usual case, loss.backward() on the loss itself: pass the gradients on without a
+        # scaled copy (a copy of grad_weight is the largest allocation of the whole step).
+        if not torch.compiler.is_compiling() and g.device.type == "cpu" and g.item() == 1.0:
+            scale = lambda t: t  # noqa: E731
+        else:
+            scale = lambda t: t * g.to(t.dtype)  # noqa: E731
+        return (scale(gh) if ctx.needs_input_grad[0] else None,
+                scale(gw) if ctx.needs_input_grad[1] else None,
+                scale(gb) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None, None)
 
 
 def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None, mask=None,
@@ -288,20 +304,22 @@ def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None,
     tid, tpr = target_ids.reshape(N, -1), target_probs.reshape(N, -1)
     _check_targets(tid, tpr, N, V)
     _check_reduce(reduction, normalize)
-    chunk = _check_chunk(chunk_size)
+    chunk = _check_chunk(chunk_size, V)
     _same_device(("hidden", hidden), ("weight", weight), ("bias", bias), ("target_ids", target_ids),
                  ("target_probs", target_probs))
     row_w = _row_weight(mask, weights, N, h.device)
     full = normalize == "full"
-    if _backend.resolve("fused_linear_topk_kl", h, backend) != "native":
+    which = _backend.resolve("fused_linear_topk_kl", h, backend)
+    if which == "reference":
         _check_target_values(tid, tpr, V)
         loss = ref.fused_linear_topk_kl_reference(h, weight, bias, tid, tpr, None, row_w, "none", normalize)
         return _reduce(loss, reduction, mask, N)
     if reduction == "none":  # per-position gradients are only known in backward: recompute there
-        loss, _, _, _ = torch.ops.lethe.fused_linear_topk_kl(h, weight, bias, tid, tpr, row_w, None, full, chunk)
+        op = torch.ops.lethe.fused_linear_topk_kl if which == "native" else torch.ops.lethe.fused_linear_topk_kl_triton
+        loss, _, _, _ = op(h, weight, bias, tid, tpr, row_w, None, full, chunk)
         return loss.reshape(hidden.shape[:-1])
     scale = 1.0 / _valid_count(mask, N, h.device) if reduction == "mean" else torch.tensor(1.0, device=h.device)
-    return _FusedLinearTopkKL.apply(h, weight, bias, tid, tpr, row_w, scale, full, chunk)
+    return _FusedLinearTopkKL.apply(h, weight, bias, tid, tpr, row_w, scale, full, chunk, which)
 
 
 # ---- registration: fake kernels and autograd of the compiled ops ----
@@ -345,10 +363,12 @@ def _topk_kl_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, ids, probs, output[1], row_w)
 
 
-def _topk_kl_bwd(ctx, grad_loss, grad_lse):
-    logits, ids, probs, lse, row_w = ctx.saved_tensors
-    g = torch.ops.lethe.topk_kl_backward(grad_loss.contiguous(), logits, ids, probs, lse, row_w, ctx.full)
-    return g, None, None, None, None
+def _topk_kl_bwd_with(backward_op):
+    def backward(ctx, grad_loss, grad_lse):
+        logits, ids, probs, lse, row_w = ctx.saved_tensors
+        g = backward_op()(grad_loss.contiguous(), logits, ids, probs, lse, row_w, ctx.full)
+        return g, None, None, None, None
+    return backward
 
 
 def _fused_setup(ctx, inputs, output):
@@ -358,16 +378,56 @@ def _fused_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, ids, probs, row_w)
 
 
-def _fused_bwd(ctx, grad_loss, *_unused):
-    hidden, weight, bias, ids, probs, row_w = ctx.saved_tensors
-    _, gh, gw, gb = torch.ops.lethe.fused_linear_topk_kl(
-        hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args)
-    return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
+def _fused_bwd_with(op):
+    def backward(ctx, grad_loss, *_unused):
+        hidden, weight, bias, ids, probs, row_w = ctx.saved_tensors
+        _, gh, gw, gb = op()(hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args)
+        return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
+    return backward
 
 
 _lib.register("teacher_topk", _fake_teacher_topk)
 _lib.register("select_forget_positions", _fake_select)
 _lib.register("demote_targets", _fake_demote)
-_lib.register("topk_kl", _fake_topk_kl, _topk_kl_bwd, _topk_kl_setup)
+_lib.register("topk_kl", _fake_topk_kl, _topk_kl_bwd_with(lambda: torch.ops.lethe.topk_kl_backward),
+              _topk_kl_setup)
 _lib.register("topk_kl_backward", _fake_topk_kl_backward)
-_lib.register("fused_linear_topk_kl", _fake_fused, _fused_bwd, _fused_setup)
+_lib.register("fused_linear_topk_kl", _fake_fused, _fused_bwd_with(lambda: torch.ops.lethe.fused_linear_topk_kl),
+              _fused_setup)
+
+# Triton implementations of the loss ops, as Python custom ops with the same schemas.
+if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.shred"):
+    from torch import Tensor
+
+    @torch.library.custom_op("lethe::topk_kl_triton", mutates_args=())
+    def _topk_kl_triton(logits: Tensor, target_ids: Tensor, target_probs: Tensor,
+                        row_weight: Optional[Tensor], full_normalize: bool) -> tuple[Tensor, Tensor]:
+        from lethe.triton_kernels.shred import topk_kl as kernel
+
+        return kernel(logits, target_ids, target_probs, row_weight, full_normalize)
+
+    @torch.library.custom_op("lethe::topk_kl_backward_triton", mutates_args=())
+    def _topk_kl_backward_triton(grad_loss: Tensor, logits: Tensor, target_ids: Tensor, target_probs: Tensor,
+                                 lse: Tensor, row_weight: Optional[Tensor], full_normalize: bool) -> Tensor:
+        from lethe.triton_kernels.shred import topk_kl_backward as kernel
+
+        return kernel(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize)
+
+    @torch.library.custom_op("lethe::fused_linear_topk_kl_triton", mutates_args=())
+    def _fused_linear_topk_kl_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor,
+                                     target_probs: Tensor, row_weight: Optional[Tensor],
+                                     grad_row_scale: Optional[Tensor], full_normalize: bool,
+                                     chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from lethe.triton_kernels.shred import fused_linear_topk_kl as kernel
+
+        return kernel(hidden, weight, bias, target_ids, target_probs, row_weight, grad_row_scale,
+                      full_normalize, chunk_size)
+
+    _topk_kl_triton.register_fake(_fake_topk_kl)
+    _topk_kl_backward_triton.register_fake(_fake_topk_kl_backward)
+    _fused_linear_topk_kl_triton.register_fake(_fake_fused)
+    _topk_kl_triton.register_autograd(_topk_kl_bwd_with(lambda: torch.ops.lethe.topk_kl_backward_triton),
+                                      setup_context=_topk_kl_setup)
+    _fused_linear_topk_kl_triton.register_autograd(
+        _fused_bwd_with(lambda: torch.ops.lethe.fused_linear_topk_kl_triton), setup_context=_fused_setup)
+    _backend.TRITON_OPS.update({"topk_kl", "topk_kl_backward", "fused_linear_topk_kl"})

@@ -1,0 +1,135 @@
+// Shared fp32 vector row kernels of the CPU ops (GCC vector extensions, cloned per ISA with
+// target_clones): 16-lane float vectors, a vector exp and the blocked online max / sum-exp row
+// pass. Everything lives in an anonymous namespace, so each translation unit that includes this
+// header gets its own (internal-linkage) copies, as target_clones functions require.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define LETHE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LETHE_CLONES
+#endif
+#define LETHE_INLINE inline __attribute__((always_inline))
+
+namespace lethe {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Vector row kernels (fp32)
+// ---------------------------------------------------------------------------------------------
+
+typedef float F16v __attribute__((vector_size(64)));
+typedef int32_t I16v __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = 256;  // floats per online-softmax block (1 KiB, stays in L1)
+
+LETHE_INLINE F16v splat(float v) { return F16v{} + v; }
+
+LETHE_INLINE F16v loadu(const float* p) {
+  F16v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+LETHE_INLINE void storeu(float* p, F16v v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The first n (< 16) floats of p, the other lanes set to fill.
+LETHE_INLINE F16v load_part(const float* p, int64_t n, float fill) {
+  F16v v = splat(fill);
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+// exp for x <= 88 (our arguments are <= ~0): Cody-Waite reduction and Cephes' degree-6
+// polynomial, ~1 ulp. exp(x) = 0 below -87.3 (no subnormals); NaN stays NaN.
+LETHE_INLINE F16v vexp(F16v x) {
+  const F16v lo = splat(-87.33654475f), hi = splat(88.0f);
+  F16v xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  F16v n = xc * splat(1.44269504088896341f);
+  n = (n + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest integer
+  xc = xc - n * splat(0.693359375f);
+  xc = xc - n * splat(-2.12194440e-4f);
+  const F16v z = xc * xc;
+  F16v y = splat(1.9875691500e-4f);
+  y = y * xc + splat(1.3981999507e-3f);
+  y = y * xc + splat(8.3334519073e-3f);
+  y = y * xc + splat(4.1665795894e-2f);
+  y = y * xc + splat(1.6666665459e-1f);
+  y = y * xc + splat(5.0000001201e-1f);
+  y = y * z + xc + splat(1.0f);
+  const I16v e = (__builtin_convertvector(n, I16v) + 127) << 23;
+  F16v r = y * reinterpret_cast<const F16v&>(e);
+  r = x < lo ? splat(0.0f) : r;
+  return x != x ? x : r;
+}
+
+LETHE_INLINE float hmax(F16v v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+LETHE_INLINE float hsum(F16v v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// max and sum(exp(x - max)) of x = z (+ b), online over blocks.
+template <bool kBias>
+LETHE_INLINE void max_sumexp_impl(const float* z, const float* b, int64_t V, float* m_out,
+                                  float* s_out) {
+  float m = -kInf;
+  F16v sv = {};
+  for (int64_t i = 0; i < V; i += kBlock) {
+    const int64_t n = std::min(kBlock, V - i), nv = n / kLanes * kLanes;
+    const float* zb = z + i;
+    const float* bb = kBias ? b + i : nullptr;
+    F16v mv = splat(-kInf), tail = splat(-kInf);
+    for (int64_t j = 0; j < nv; j += kLanes) {
+      F16v x = loadu(zb + j);
+      if constexpr (kBias) x += loadu(bb + j);
+      mv = x > mv ? x : mv;
+    }
+    if (nv < n) {
+      tail = load_part(zb + nv, n - nv, -kInf);
+      if constexpr (kBias) tail += load_part(bb + nv, n - nv, 0.0f);
+      mv = tail > mv ? tail : mv;
+    }
+    const float bm = hmax(mv);
+    if (bm > m) {
+      sv *= vexp(splat(m - bm));
+      m = bm;
+    }
+    if (m == -kInf) continue;  // everything so far is -inf (or NaN, which max skips)
+    const F16v mm = splat(m);
+    for (int64_t j = 0; j < nv; j += kLanes) {
+      F16v x = loadu(zb + j);
+      if constexpr (kBias) x += loadu(bb + j);
+      sv += vexp(x - mm);
+    }
+    if (nv < n) sv += vexp(tail - mm);
+  }
+  // a NaN anywhere (skipped by the max) still reaches the sum through vexp
+  *m_out = m;
+  *s_out = hsum(sv);
+}
+
+// Entry points, one clone per vector ISA.
+LETHE_CLONES void row_max_sumexp(const float* z, const float* b, int64_t V, float* m, float* s) {
+  if (b)
+    max_sumexp_impl<true>(z, b, V, m, s);
+  else
+    max_sumexp_impl<false>(z, b, V, m, s);
+}
+
+}  // namespace
+}  // namespace lethe
