@@ -15,14 +15,7 @@
 #include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
 #include "lethe/quant.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-// Runtime dispatch to the widest vector unit; the loops below are written so GCC vectorises them.
-#define LETHE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LETHE_CLONES
-#endif
-#define LETHE_INLINE inline __attribute__((always_inline))
+#include "vec.h"  // LETHE_CLONES (one clone per vector ISA), F16v / I16v, kLanes
 
 namespace lethe {
 namespace {
@@ -30,7 +23,6 @@ namespace {
 using quant::Params;
 using quant::Stats;
 
-constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 16384;  // elements a task handles; also the largest fused group
 
 // Exact round-half-even for |v| < 2^22; |x * inv| is at most a few hundred here.
@@ -41,8 +33,6 @@ inline float rne_small(float v) {
 #if defined(__GNUC__)
 // GCC/Clang vector extensions: one source, lowered to zmm, 2 x ymm or 4 x xmm per clone. Plain
 // lane arrays left the min/max reduction scalar (GCC will not reorder a float min reduction).
-typedef float F16v __attribute__((vector_size(64)));
-typedef int32_t I16v __attribute__((vector_size(64)));
 
 LETHE_INLINE void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_out,
                             bool* finite_out) {
