@@ -23,19 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # the NF4 tables of the reference, when lethe is importable
-    from lethe.ops.quant_reference import nf4_tables as _nf4_tables
-except ImportError:  # file imported directly: the same fp32 values
-    _NF4_LEVELS = (
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    )  # fmt: skip
-
-    def _nf4_tables(device=None):
-        levels = torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=device)
-        return levels, (levels[:-1] + levels[1:]) * 0.5
+from lethe.ops.quant_reference import nf4_tables as _nf4_tables  # the one copy of the NF4 table
 
 
 # Tunables, read at call time (tests lower them to exercise the large-group path at small sizes).
