@@ -254,3 +254,15 @@ def test_hf_causal_lm_helper():
     logits = student(**batch).logits[:, :-1].reshape(-1, 97).detach()
     ref = R.topk_kl_reference(logits, tg.ids.reshape(-1, 16), tg.probs.reshape(-1, 16), tg.valid.reshape(-1))
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_teacher_pass_is_the_same_in_chunks():
+    # the reference path (GPU tensors, for now) works chunk by chunk with identical results
+    hidden, weight, b, labels, _, _ = _problem(N=23, V=41)
+    whole = R.teacher_topk_reference(hidden, weight, b, labels, 6)
+    chunked = R.teacher_topk_reference(hidden, weight, b, labels, 6, chunk_size=5)
+    out = S.teacher_topk(hidden, weight, labels, 6, bias=b, chunk_size=5, backend="reference")
+    for got in (chunked, out):
+        assert torch.equal(got[0], whole[0])  # ids
+        torch.testing.assert_close(got[1], whole[1])  # matmuls of other row counts may round apart
+        torch.testing.assert_close(got[2], whole[2])

@@ -138,7 +138,7 @@ def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optio
         ids, lp, llp = torch.ops.lethe.teacher_topk(h, w, b, lab, k, chunk_size)
     else:
         _check_label_range(lab, V)
-        ids, lp, llp = ref.teacher_topk_reference(h, w, b, lab, k)
+        ids, lp, llp = ref.teacher_topk_reference(h, w, b, lab, k, chunk_size)
     return ids.reshape(*lead, k), lp.reshape(*lead, k), llp.reshape(lead)
 
 

@@ -28,16 +28,21 @@ def _logits(hidden, weight, bias):
     return z + bias.float() if bias is not None else z
 
 
-def teacher_topk_reference(hidden, weight, bias, labels, k):
+def teacher_topk_reference(hidden, weight, bias, labels, k, chunk_size=None):
     """(topk_ids [N,K] int64, topk_logprobs [N,K] fp32, label_logprob [N] fp32).
 
     Ids are sorted by logit, descending; equal logits by ascending id. label_logprob is 0 where
-    labels == -100."""
+    labels == -100. With chunk_size, rows are processed that many at a time (same results, memory
+    bounded by [chunk_size, V]: the path GPU tensors take until the family has GPU kernels)."""
+    n = hidden.shape[0]
+    if chunk_size is not None and n > chunk_size:
+        parts = [teacher_topk_reference(hidden[s:s + chunk_size], weight, bias, labels[s:s + chunk_size], k)
+                 for s in range(0, n, chunk_size)]
+        return tuple(torch.cat(p) for p in zip(*parts))
     z = _logits(hidden, weight, bias)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    # stable sort by (-logit, id): sort ids ascending first is implicit since sort is stable
-    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
-    ids = order
+    # a stable descending sort keeps equal logits in ascending id order
+    ids = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
     lp = torch.gather(z, 1, ids) - lse
     valid = labels != IGNORE_INDEX
     safe = torch.where(valid, labels, torch.zeros_like(labels))
