@@ -15,7 +15,6 @@ All arithmetic in fp32; inputs may be fp32, fp16 or bf16.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -54,19 +53,18 @@ def teacher_topk_reference(hidden, weight, bias, labels, k, chunk_size=None):
 def select_forget_positions_reference(label_logprob, labels, fraction, skip):
     """Forget mask [B,T] bool: per row, among valid positions (labels != -100) after the first
     `skip` valid ones, the ceil(fraction * n) with the lowest label log-probability (ties: the
-    earlier position first)."""
+    earlier position first; NaN counts as the largest). Vectorised over rows (no host syncs)."""
     B, T = label_logprob.shape
-    out = torch.zeros(B, T, dtype=torch.bool, device=label_logprob.device)
-    for b in range(B):
-        pos = torch.nonzero(labels[b] != IGNORE_INDEX).flatten()[skip:]
-        n = pos.numel()
-        m = math.ceil(fraction * n - 1e-9) if n else 0
-        if m == 0:
-            continue
-        vals = label_logprob[b, pos].float()
-        order = torch.sort(vals, stable=True).indices[:m]
-        out[b, pos[order]] = True
-    return out
+    valid = labels != IGNORE_INDEX
+    eligible = valid & (valid.cumsum(1) > skip)
+    n = eligible.sum(1)
+    m = torch.ceil(fraction * n.double() - 1e-9).long()
+    # order by (not eligible, value, position): a stable sort by value, then a stable sort by the flag
+    by_value = torch.sort(label_logprob.float(), dim=1, stable=True).indices
+    flag = (~eligible).gather(1, by_value).to(torch.uint8)
+    order = by_value.gather(1, torch.sort(flag, dim=1, stable=True).indices)
+    take = torch.arange(T, device=labels.device)[None, :] < m[:, None]
+    return torch.zeros(B, T, dtype=torch.bool, device=labels.device).scatter_(1, order, take)
 
 
 def demote_targets_reference(topk_ids, topk_logprobs, labels, forget_mask, variant="A", top_p=0.5):
