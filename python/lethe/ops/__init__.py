@@ -11,12 +11,12 @@ __all__ = ["BACKENDS", "get_backend", "set_backend", "cpu_cache_info", "empty_cp
 
 # Every op and the kernels it has besides its pure-PyTorch reference ("cpu" and "cuda": compiled,
 # "triton"). lethe.info and the build tests read this. The shred family has no CUDA kernels yet:
-# on GPUs its losses run in Triton, its teacher-side ops in the reference.
+# on GPUs it runs in Triton.
 OPS = {
     "fake_quantize": ("cpu", "cuda", "triton"),
-    "teacher_topk": ("cpu",),
-    "select_forget_positions": ("cpu",),
-    "demote_targets": ("cpu",),
+    "teacher_topk": ("cpu", "triton"),
+    "select_forget_positions": ("cpu", "triton"),
+    "demote_targets": ("cpu", "triton"),
     "topk_kl": ("cpu", "triton"),
     "topk_kl_backward": ("cpu", "triton"),
     "fused_linear_topk_kl": ("cpu", "triton"),

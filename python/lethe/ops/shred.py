@@ -134,8 +134,10 @@ def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optio
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1)
     w, b = weight.detach(), None if bias is None else bias.detach()
-    if _backend.resolve("teacher_topk", h, backend) == "native":
-        ids, lp, llp = torch.ops.lethe.teacher_topk(h, w, b, lab, k, chunk_size)
+    which = _backend.resolve("teacher_topk", h, backend)
+    if which != "reference":
+        op = torch.ops.lethe.teacher_topk if which == "native" else torch.ops.lethe.teacher_topk_triton
+        ids, lp, llp = op(h, w, b, lab, k, chunk_size)
     else:
         _check_label_range(lab, V)
         ids, lp, llp = ref.teacher_topk_reference(h, w, b, lab, k, chunk_size)
@@ -178,8 +180,11 @@ def select_forget_positions(label_logprob, labels, fraction: float = 0.5, skip: 
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
         raise ValueError(f"skip must be a non-negative int, got {skip!r}")
-    if _backend.resolve("select_forget_positions", labels, backend) == "native":
-        return torch.ops.lethe.select_forget_positions(label_logprob, labels, float(fraction), skip)
+    which = _backend.resolve("select_forget_positions", labels, backend)
+    if which != "reference":
+        op = (torch.ops.lethe.select_forget_positions if which == "native"
+              else torch.ops.lethe.select_forget_positions_triton)
+        return op(label_logprob, labels, float(fraction), skip)
     return ref.select_forget_positions_reference(label_logprob, labels, float(fraction), skip)
 
 
@@ -209,8 +214,10 @@ def demote_targets(topk_ids, topk_logprobs, labels, forget_mask, variant: str = 
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     K = topk_ids.shape[-1]
     args = (topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K), labels.reshape(-1), forget_mask.reshape(-1))
-    if _backend.resolve("demote_targets", topk_ids, backend) == "native":
-        q = torch.ops.lethe.demote_targets(*args, VARIANTS[variant], float(top_p))
+    which = _backend.resolve("demote_targets", topk_ids, backend)
+    if which != "reference":
+        op = torch.ops.lethe.demote_targets if which == "native" else torch.ops.lethe.demote_targets_triton
+        q = op(*args, VARIANTS[variant], float(top_p))
     else:
         q = ref.demote_targets_reference(*args, variant, float(top_p))
     return q.reshape(*lead, K)
@@ -432,3 +439,32 @@ if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.
     _fused_linear_topk_kl_triton.register_autograd(
         _fused_bwd_with(lambda: torch.ops.lethe.fused_linear_topk_kl_triton), setup_context=_fused_setup)
     _backend.TRITON_OPS.update({"topk_kl", "topk_kl_backward", "fused_linear_topk_kl"})
+
+if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.shred_teacher"):
+    from torch import Tensor
+
+    @torch.library.custom_op("lethe::teacher_topk_triton", mutates_args=())
+    def _teacher_topk_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, k: int,
+                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        from lethe.triton_kernels.shred_teacher import teacher_topk as kernel
+
+        return kernel(hidden, weight, bias, labels, k, chunk_size)
+
+    @torch.library.custom_op("lethe::select_forget_positions_triton", mutates_args=())
+    def _select_forget_positions_triton(label_logprob: Tensor, labels: Tensor, fraction: float,
+                                        skip: int) -> Tensor:
+        from lethe.triton_kernels.shred_teacher import select_forget_positions as kernel
+
+        return kernel(label_logprob, labels, fraction, skip)
+
+    @torch.library.custom_op("lethe::demote_targets_triton", mutates_args=())
+    def _demote_targets_triton(topk_ids: Tensor, topk_logprobs: Tensor, labels: Tensor, forget_mask: Tensor,
+                               variant: int, top_p: float) -> Tensor:
+        from lethe.triton_kernels.shred_teacher import demote_targets as kernel
+
+        return kernel(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p)
+
+    _teacher_topk_triton.register_fake(_fake_teacher_topk)
+    _select_forget_positions_triton.register_fake(_fake_select)
+    _demote_targets_triton.register_fake(_fake_demote)
+    _backend.TRITON_OPS.update({"teacher_topk", "select_forget_positions", "demote_targets"})
