@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lethe.triton_kernels.shred import _FLOATS, _check_float, _check_tensor  # noqa: F401 (shared checks)
+
 # Tunables, read at call time (tests lower them to exercise several tiles at small sizes).
 BLOCK_V_MAX = 4096  # teacher_topk: vocabulary tile (power of two)
 BLOCK_T_MAX = 128  # select_forget_positions: sequence tile (power of two); [BLOCK_T, BLOCK_T] pairs
@@ -209,18 +211,6 @@ def _demote_row_kernel(ids_ptr, lp_ptr, labels_ptr, forget_ptr, q_ptr, K, top_p,
 # Argument checks (those of csrc/cpu/shred.cpp)
 # ---------------------------------------------------------------------------------------------
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_tensor(t, name):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _check_float(t, name):
-    _check_tensor(t, name)
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
 def _check_long(t, name):
