@@ -11,7 +11,7 @@ BUILD_STAMP := build/.built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 
-.PHONY: all deps build test test-cpu demo bench info clean
+.PHONY: all deps build test demo bench info clean
 
 all: build
 

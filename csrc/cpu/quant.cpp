@@ -25,12 +25,6 @@ using quant::Stats;
 
 constexpr int64_t kChunk = 16384;  // elements a task handles; also the largest fused group
 
-// Exact round-half-even for |v| < 2^22; |x * inv| is at most a few hundred here.
-inline float rne_small(float v) {
-  return (v + 12582912.0f) - 12582912.0f;
-}
-
-#if defined(__GNUC__)
 // GCC/Clang vector extensions: one source, lowered to zmm, 2 x ymm or 4 x xmm per clone. Plain
 // lane arrays left the min/max reduction scalar (GCC will not reorder a float min reduction).
 
@@ -75,28 +69,19 @@ LETHE_INLINE void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_
   *hi_out = s.hi;
   *finite_out = s.finite;
 }
-#else
-inline void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_out, bool* finite_out) {
-  Stats s = quant::stats_init();
-  for (int64_t i = 0; i < n; ++i) quant::stats_add(s, x[i]);
-  *lo_out = s.lo;
-  *hi_out = s.hi;
-  *finite_out = s.finite;
-}
-#endif
 
 LETHE_INLINE void apply_int_f32(const float* x, float* y, bool* mask, int64_t n, float scale,
                                 float inv, float zp, float qmin, float qmax) {
   if (mask) {
     for (int64_t i = 0; i < n; ++i) {
-      const float q = rne_small(x[i] * inv) + zp;
+      const float q = quant::rne(x[i] * inv) + zp;
       const float c = q < qmin ? qmin : (q > qmax ? qmax : q);
       mask[i] = c == q;
       y[i] = (c - zp) * scale;
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float q = rne_small(x[i] * inv) + zp;
+      const float q = quant::rne(x[i] * inv) + zp;
       const float c = q < qmin ? qmin : (q > qmax ? qmax : q);
       y[i] = (c - zp) * scale;
     }
@@ -143,23 +128,8 @@ LETHE_CLONES void chunk_apply_f32(const float* x, float* y, bool* mask, int64_t 
   apply(x, y, mask, n, p, codebook);
 }
 
-// Float views of a span of a possibly reduced-precision tensor: zero-copy for float32.
 template <typename scalar_t>
-struct F32Span {
-  std::vector<float> buf;
-  const float* load(const scalar_t* src, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      return src;
-    } else {
-      buf.resize(n);
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-      return buf.data();
-    }
-  }
-};
-
-template <typename scalar_t>
-struct F32Out {
+struct F32Out {  // an fp32 output span, stored back when the tensor is fp16/bf16
   std::vector<float> buf;
   float* target(scalar_t* dst, int64_t n) {
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -183,11 +153,11 @@ void fake_quantize_impl(const scalar_t* x, scalar_t* y, bool* mask, int64_t nume
   if (L <= kChunk) {
     const int64_t block = std::max<int64_t>(1, kChunk / L);  // groups converted at a time
     at::parallel_for(0, G, block, [&](int64_t g0, int64_t g1) {
-      F32Span<scalar_t> in;
+      std::vector<float> inbuf;
       F32Out<scalar_t> out;
       for (int64_t b = g0; b < g1; b += block) {
         const int64_t nb = std::min(block, g1 - b), n = nb * L, start = b * L;
-        groups_f32(in.load(x + start, n), out.target(y + start, n), mask ? mask + start : nullptr,
+        groups_f32(f32_view(x + start, n, inbuf), out.target(y + start, n), mask ? mask + start : nullptr,
                    nb, L, bits, codebook, symmetric, scale_div);
         out.store(y + start, n);
       }
@@ -197,11 +167,11 @@ void fake_quantize_impl(const scalar_t* x, scalar_t* y, bool* mask, int64_t nume
   const int64_t C = (L + kChunk - 1) / kChunk;
   std::vector<Stats> partial(G * C);
   at::parallel_for(0, G * C, 1, [&](int64_t t0, int64_t t1) {
-    F32Span<scalar_t> in;
+    std::vector<float> inbuf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / C, c = t % C, start = g * L + c * kChunk;
       const int64_t n = std::min(kChunk, L - c * kChunk);
-      partial[t] = chunk_stats_f32(in.load(x + start, n), n);
+      partial[t] = chunk_stats_f32(f32_view(x + start, n, inbuf), n);
     }
   });
   std::vector<Params> params(G);
@@ -211,12 +181,12 @@ void fake_quantize_impl(const scalar_t* x, scalar_t* y, bool* mask, int64_t nume
     params[g] = quant::make_params(s, bits, codebook, symmetric, scale_div);
   }
   at::parallel_for(0, G * C, 1, [&](int64_t t0, int64_t t1) {
-    F32Span<scalar_t> in;
+    std::vector<float> inbuf;
     F32Out<scalar_t> out;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / C, c = t % C, start = g * L + c * kChunk;
       const int64_t n = std::min(kChunk, L - c * kChunk);
-      chunk_apply_f32(in.load(x + start, n), out.target(y + start, n),
+      chunk_apply_f32(f32_view(x + start, n, inbuf), out.target(y + start, n),
                       mask ? mask + start : nullptr, n, params[g], codebook);
       out.store(y + start, n);
     }

@@ -206,17 +206,6 @@ at::Tensor to_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
 }
 
-// fp32 view of a logits row: zero-copy for fp32.
-template <typename scalar_t>
-LETHE_INLINE const float* row_f32(const scalar_t* src, int64_t V, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    buf.resize(V);
-    for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf.data();
-  }
-}
 
 struct Targets {
   at::Tensor ids, q, w;  // contiguous int64 [N,K], fp32 [N,K], fp32 [N] (undefined when none)
@@ -260,7 +249,7 @@ void topk_kl_rows(const scalar_t* z, const int64_t* ids, const float* q, const f
       float l;
       if (full) {
         float m, s;
-        row_max_sumexp(row_f32(zr, V, buf), nullptr, V, &m, &s);
+        row_max_sumexp(f32_view(zr, V, buf), nullptr, V, &m, &s);
         l = lse_from(m, s);
       } else {
         l = lse_small(zk.data(), K);
@@ -322,7 +311,7 @@ void topk_kl_backward_rows(const float* g, const scalar_t* z, const int64_t* ids
           o = buf.data();
         }
         if (a != 0.0f) {
-          row_exp_write(o, row_f32(zr, V, buf), nullptr, V, lse[r], a, nullptr);
+          row_exp_write(o, f32_view(zr, V, buf), nullptr, V, lse[r], a, nullptr);
         } else {
           std::memset(o, 0, sizeof(float) * V);
         }

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define LETHE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -29,6 +31,18 @@ typedef float F16v __attribute__((vector_size(64)));
 typedef int32_t I16v __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 256;  // floats per online-softmax block (1 KiB, stays in L1)
+
+// An fp32 view of n values: the values themselves for float, else converted into buf.
+template <typename scalar_t>
+LETHE_INLINE const float* f32_view(const scalar_t* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf.data();
+  }
+}
 
 LETHE_INLINE F16v splat(float v) { return F16v{} + v; }
 

@@ -61,11 +61,13 @@ struct Params {
   bool invalid;
 };
 
+// Round half to even. Every argument here is |x * inv| + zp <= 2^9, well inside the |v| < 2^22
+// where adding and removing 1.5 * 2^23 rounds exactly (and vectorises, unlike nearbyint).
 LETHE_HD float rne(float v) {
 #if defined(__CUDA_ARCH__)
   return rintf(v);
 #else
-  return std::nearbyint(v);  // default rounding mode: half to even
+  return (v + 12582912.0f) - 12582912.0f;  // host code is built with -ffp-contract=off
 #endif
 }
 
