@@ -1,4 +1,4 @@
-"""Triton shred kernels (lethe.triton_kernels.shred: topk_kl, topk_kl_backward,
+"""Triton shred kernels (lethe.triton_kernels.shred_kl: topk_kl, topk_kl_backward,
 fused_linear_topk_kl) against the pure-PyTorch reference and its autograd (fp32 tolerance: the
 summation orders differ, so not bit for bit).
 
@@ -20,7 +20,7 @@ from lethe.ops.shred_reference import (  # noqa: E402
     fused_linear_topk_kl_reference,
     topk_kl_reference,
 )
-from lethe.triton_kernels import shred as ts  # noqa: E402
+from lethe.triton_kernels import shred_kl as ts  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"

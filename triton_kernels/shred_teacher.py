@@ -1,8 +1,8 @@
 """Triton kernels of the shred family: teacher_topk, select_forget_positions and demote_targets.
 
-Same semantics (and argument checks) as the CPU kernels in csrc/cpu/shred.cpp; definitions in
+Same semantics (and argument checks) as the CPU kernels in csrc/cpu/shred_teacher.cpp; definitions in
 python/lethe/ops/shred_reference.py. Kernels are launched with enable_fp_fusion=False (as
-shred.py and quant.py do), and index with int64 offsets.
+shred_kl.py and quant.py do), and index with int64 offsets.
 
 teacher_topk: chunk_size rows at a time, z = hidden_c.float() @ weight.float().t() (+ bias, added
 separately, as the reference rounds it) with torch into one [chunk, V] fp32 buffer, then one
@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lethe.triton_kernels.shred import _FLOATS, _check_float, _check_tensor  # noqa: F401 (shared checks)
+from lethe.triton_kernels.shred_kl import _FLOATS, _check_float, _check_tensor  # noqa: F401 (shared checks)
 
 # Tunables, read at call time (tests lower them to exercise several tiles at small sizes).
 BLOCK_V_MAX = 4096  # teacher_topk: vocabulary tile (power of two)
@@ -208,7 +208,7 @@ def _demote_row_kernel(ids_ptr, lp_ptr, labels_ptr, forget_ptr, q_ptr, K, top_p,
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (those of csrc/cpu/shred.cpp)
+# Argument checks (those of csrc/cpu/shred_teacher.cpp)
 # ---------------------------------------------------------------------------------------------
 
 
