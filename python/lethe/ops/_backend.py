@@ -59,6 +59,12 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
     return _resolve(op, x.device.type, name)
 
 
+def kernel_op(op: str, which: str):
+    """The op that runs `which` ("native" or "triton") of lethe::<op>: the compiled op itself, or
+    its Triton twin lethe::<op>_triton (same schema, fake kernel and autograd)."""
+    return getattr(torch.ops.lethe, op if which == "native" else f"{op}_triton")
+
+
 _resolved: dict = {}
 
 

@@ -167,8 +167,7 @@ def fake_quantize(
     which = _backend.resolve("fake_quantize", x, backend)
     if which == "reference":
         return fake_quantize_reference(x, *args, ste=ste)
-    op = torch.ops.lethe.fake_quantize if which == "native" else torch.ops.lethe.fake_quantize_triton
-    y, _ = op(x, *args, ste == "clipped")
+    y, _ = _backend.kernel_op("fake_quantize", which)(x, *args, ste == "clipped")
     return y
 
 

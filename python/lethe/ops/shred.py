@@ -136,8 +136,7 @@ def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optio
     w, b = weight.detach(), None if bias is None else bias.detach()
     which = _backend.resolve("teacher_topk", h, backend)
     if which != "reference":
-        op = torch.ops.lethe.teacher_topk if which == "native" else torch.ops.lethe.teacher_topk_triton
-        ids, lp, llp = op(h, w, b, lab, k, chunk_size)
+        ids, lp, llp = _backend.kernel_op("teacher_topk", which)(h, w, b, lab, k, chunk_size)
     else:
         _check_label_range(lab, V)
         ids, lp, llp = ref.teacher_topk_reference(h, w, b, lab, k, chunk_size)
@@ -182,9 +181,7 @@ def select_forget_positions(label_logprob, labels, fraction: float = 0.5, skip: 
         raise ValueError(f"skip must be a non-negative int, got {skip!r}")
     which = _backend.resolve("select_forget_positions", labels, backend)
     if which != "reference":
-        op = (torch.ops.lethe.select_forget_positions if which == "native"
-              else torch.ops.lethe.select_forget_positions_triton)
-        return op(label_logprob, labels, float(fraction), skip)
+        return _backend.kernel_op("select_forget_positions", which)(label_logprob, labels, float(fraction), skip)
     return ref.select_forget_positions_reference(label_logprob, labels, float(fraction), skip)
 
 
@@ -216,8 +213,7 @@ def demote_targets(topk_ids, topk_logprobs, labels, forget_mask, variant: str = 
     args = (topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K), labels.reshape(-1), forget_mask.reshape(-1))
     which = _backend.resolve("demote_targets", topk_ids, backend)
     if which != "reference":
-        op = torch.ops.lethe.demote_targets if which == "native" else torch.ops.lethe.demote_targets_triton
-        q = op(*args, VARIANTS[variant], float(top_p))
+        q = _backend.kernel_op("demote_targets", which)(*args, VARIANTS[variant], float(top_p))
     else:
         q = ref.demote_targets_reference(*args, variant, float(top_p))
     return q.reshape(*lead, K)
@@ -238,8 +234,7 @@ def topk_kl(logits, target_ids, target_probs, *, mask=None, weights=None, reduct
     full = normalize == "full"
     which = _backend.resolve("topk_kl", logits, backend)
     if which != "reference":
-        op = torch.ops.lethe.topk_kl if which == "native" else torch.ops.lethe.topk_kl_triton
-        loss, _ = op(logits, target_ids, target_probs, row_w, full)
+        loss, _ = _backend.kernel_op("topk_kl", which)(logits, target_ids, target_probs, row_w, full)
     else:
         _check_target_values(target_ids, target_probs, V)
         loss = ref.topk_kl_reference(logits, target_ids, target_probs, None, row_w, "none", normalize)
@@ -271,7 +266,7 @@ class _FusedLinearTopkKL(torch.autograd.Function):
         grad_scale = None
         if need:
             grad_scale = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device) * scale
-        op = torch.ops.lethe.fused_linear_topk_kl if which == "native" else torch.ops.lethe.fused_linear_topk_kl_triton
+        op = _backend.kernel_op("fused_linear_topk_kl", which)
         loss, gh, gw, gb = op(hidden, weight, bias, target_ids, target_probs, row_w, grad_scale, full, chunk)
         ctx.save_for_backward(gh, gw, gb)
         ctx.has_bias = bias is not None
@@ -323,8 +318,8 @@ def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None,
         loss = ref.fused_linear_topk_kl_reference(h, weight, bias, tid, tpr, None, row_w, "none", normalize)
         return _reduce(loss, reduction, mask, N)
     if reduction == "none":  # per-position gradients are only known in backward: recompute there
-        op = torch.ops.lethe.fused_linear_topk_kl if which == "native" else torch.ops.lethe.fused_linear_topk_kl_triton
-        loss, _, _, _ = op(h, weight, bias, tid, tpr, row_w, None, full, chunk)
+        loss, _, _, _ = _backend.kernel_op("fused_linear_topk_kl", which)(h, weight, bias, tid, tpr, row_w,
+                                                                         None, full, chunk)
         return loss.reshape(hidden.shape[:-1])
     scale = 1.0 / _valid_count(mask, N, h.device) if reduction == "mean" else torch.tensor(1.0, device=h.device)
     return _FusedLinearTopkKL.apply(h, weight, bias, tid, tpr, row_w, scale, full, chunk, which)
@@ -371,10 +366,11 @@ def _topk_kl_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, ids, probs, output[1], row_w)
 
 
-def _topk_kl_bwd_with(backward_op):
+def _topk_kl_bwd_with(which):
     def backward(ctx, grad_loss, grad_lse):
         logits, ids, probs, lse, row_w = ctx.saved_tensors
-        g = backward_op()(grad_loss.contiguous(), logits, ids, probs, lse, row_w, ctx.full)
+        g = _backend.kernel_op("topk_kl_backward", which)(grad_loss.contiguous(), logits, ids, probs, lse,
+                                                          row_w, ctx.full)
         return g, None, None, None, None
     return backward
 
@@ -386,10 +382,10 @@ def _fused_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, ids, probs, row_w)
 
 
-def _fused_bwd_with(op):
+def _fused_bwd_with(which):
     def backward(ctx, grad_loss, *_unused):
         hidden, weight, bias, ids, probs, row_w = ctx.saved_tensors
-        _, gh, gw, gb = op()(hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args)
+        _, gh, gw, gb = _backend.kernel_op("fused_linear_topk_kl", which)(hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args)
         return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
     return backward
 
@@ -397,27 +393,27 @@ def _fused_bwd_with(op):
 _lib.register("teacher_topk", _fake_teacher_topk)
 _lib.register("select_forget_positions", _fake_select)
 _lib.register("demote_targets", _fake_demote)
-_lib.register("topk_kl", _fake_topk_kl, _topk_kl_bwd_with(lambda: torch.ops.lethe.topk_kl_backward),
+_lib.register("topk_kl", _fake_topk_kl, _topk_kl_bwd_with("native"),
               _topk_kl_setup)
 _lib.register("topk_kl_backward", _fake_topk_kl_backward)
-_lib.register("fused_linear_topk_kl", _fake_fused, _fused_bwd_with(lambda: torch.ops.lethe.fused_linear_topk_kl),
+_lib.register("fused_linear_topk_kl", _fake_fused, _fused_bwd_with("native"),
               _fused_setup)
 
 # Triton implementations of the loss ops, as Python custom ops with the same schemas.
-if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.shred"):
+if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.shred_kl"):
     from torch import Tensor
 
     @torch.library.custom_op("lethe::topk_kl_triton", mutates_args=())
     def _topk_kl_triton(logits: Tensor, target_ids: Tensor, target_probs: Tensor,
                         row_weight: Optional[Tensor], full_normalize: bool) -> tuple[Tensor, Tensor]:
-        from lethe.triton_kernels.shred import topk_kl as kernel
+        from lethe.triton_kernels.shred_kl import topk_kl as kernel
 
         return kernel(logits, target_ids, target_probs, row_weight, full_normalize)
 
     @torch.library.custom_op("lethe::topk_kl_backward_triton", mutates_args=())
     def _topk_kl_backward_triton(grad_loss: Tensor, logits: Tensor, target_ids: Tensor, target_probs: Tensor,
                                  lse: Tensor, row_weight: Optional[Tensor], full_normalize: bool) -> Tensor:
-        from lethe.triton_kernels.shred import topk_kl_backward as kernel
+        from lethe.triton_kernels.shred_kl import topk_kl_backward as kernel
 
         return kernel(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize)
 
@@ -426,7 +422,7 @@ if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.
                                      target_probs: Tensor, row_weight: Optional[Tensor],
                                      grad_row_scale: Optional[Tensor], full_normalize: bool,
                                      chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from lethe.triton_kernels.shred import fused_linear_topk_kl as kernel
+        from lethe.triton_kernels.shred_kl import fused_linear_topk_kl as kernel
 
         return kernel(hidden, weight, bias, target_ids, target_probs, row_weight, grad_row_scale,
                       full_normalize, chunk_size)
@@ -434,10 +430,10 @@ if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.
     _topk_kl_triton.register_fake(_fake_topk_kl)
     _topk_kl_backward_triton.register_fake(_fake_topk_kl_backward)
     _fused_linear_topk_kl_triton.register_fake(_fake_fused)
-    _topk_kl_triton.register_autograd(_topk_kl_bwd_with(lambda: torch.ops.lethe.topk_kl_backward_triton),
+    _topk_kl_triton.register_autograd(_topk_kl_bwd_with("triton"),
                                       setup_context=_topk_kl_setup)
     _fused_linear_topk_kl_triton.register_autograd(
-        _fused_bwd_with(lambda: torch.ops.lethe.fused_linear_topk_kl_triton), setup_context=_fused_setup)
+        _fused_bwd_with("triton"), setup_context=_fused_setup)
     _backend.TRITON_OPS.update({"topk_kl", "topk_kl_backward", "fused_linear_topk_kl"})
 
 if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.shred_teacher"):
