@@ -31,6 +31,7 @@
 
 #include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
+#include "lethe/shred.h"
 #include "vec.h"
 
 namespace lethe {
@@ -98,8 +99,7 @@ inline float lse_small(const float* zk, int64_t K) {
 // sum_k q_k (log q_k - (zk_k - lse)), terms with q_k = 0 being 0.
 inline float kl_row(const float* zk, const float* q, int64_t K, float lse) {
   float kl = 0.0f;
-  for (int64_t k = 0; k < K; ++k)
-    if (q[k] > 0.0f) kl += q[k] * std::log(q[k]) - q[k] * (zk[k] - lse);
+  for (int64_t k = 0; k < K; ++k) kl += shred::kl_term(q[k], zk[k], lse);
   return kl;
 }
 

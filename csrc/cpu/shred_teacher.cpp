@@ -22,12 +22,13 @@
 
 #include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
+#include "lethe/shred.h"
 #include "vec.h"
 
 namespace lethe {
 namespace {
 
-constexpr int64_t kIgnoreIndex = -100;
+using shred::kIgnoreIndex;
 
 // Strict total order "a comes before b" for a descending sort by value with ties (and NaN ties)
 // broken by ascending index; NaN sorts first, as torch.sort(descending=True) puts it.
@@ -271,9 +272,7 @@ at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at
       }
       const int64_t n = static_cast<int64_t>(pos.size());
       if (n == 0) continue;
-      // as the reference: math.ceil(fraction * n - 1e-9) in double
-      int64_t m = static_cast<int64_t>(std::ceil(fraction * static_cast<double>(n) - 1e-9));
-      m = std::min(std::max<int64_t>(m, 0), n);
+      const int64_t m = shred::forget_count(fraction, n);
       if (m == 0) continue;
       auto lower = [&](int64_t a, int64_t c) { return asc_before(v[a], a, v[c], c); };
       if (m < n) std::nth_element(pos.begin(), pos.begin() + (m - 1), pos.end(), lower);
@@ -334,34 +333,7 @@ at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk
 
   at::parallel_for(0, N, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t* id = id_p + r * K;
-      const float* lp = lp_p + r * K;
-      float* o = q_p + r * K;
-      const bool forget = f_p[r];
-      const int64_t label = l_p[r];
-      double cum = 0.0;  // as torch.cumsum on CPU: double accumulator, rounded to fp32 per entry
-      double s = 0.0;
-      for (int64_t j = 0; j < K; ++j) {
-        const float p = std::exp(lp[j]);
-        cum += static_cast<double>(p);
-        bool demote = false;
-        if (forget) {
-          demote = id[j] == label;
-          if (nucleus) {
-            const float before = static_cast<float>(cum) - p;
-            demote = demote || before < tp;
-          }
-        }
-        const float v = demote ? 0.0f : p;
-        o[j] = v;
-        s += static_cast<double>(v);
-      }
-      const float sf = static_cast<float>(s);
-      if (sf > 0.0f) {
-        for (int64_t j = 0; j < K; ++j) o[j] = o[j] / sf;
-      } else {
-        for (int64_t j = 0; j < K; ++j) o[j] = 0.0f;
-      }
+      shred::demote_row(id_p + r * K, lp_p + r * K, K, l_p[r], f_p[r], nucleus, tp, q_p + r * K);
     }
   });
   return q;
