@@ -58,16 +58,35 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+def _find_cublas():
+    """(include dir, library file) of cuBLAS: the toolkit's, or the pip wheel's (nvidia/*) that torch
+    itself loads. The fused LM-head kernels call cublasGemmEx for fp16/bf16 inputs with fp32 output,
+    which ATen does not expose with an fp32 accumulator."""
+    roots = [_cuda_home] if _cuda_home else []
+    for p in sys.path:
+        roots += sorted(glob.glob(os.path.join(p, "nvidia", "*")))
+    inc = lib = None
+    for r in roots:
+        if inc is None and os.path.isfile(os.path.join(r, "include", "cublas_v2.h")):
+            inc = os.path.join(r, "include")
+        if lib is None:
+            libs = sorted(glob.glob(os.path.join(r, "lib*", "libcublas.so*")))
+            if libs:
+                lib = libs[0]
+    return inc, lib
+
+
 def _want_cuda():
     mode = os.environ.get("LETHE_BUILD_CUDA", "auto").lower()
     if mode in ("0", "off", "no", "false"):
         return False
-    possible = torch.version.cuda is not None and _cuda_home is not None
+    possible = torch.version.cuda is not None and _cuda_home is not None and all(_find_cublas())
     if mode in ("1", "on", "yes", "true", "force"):
         if not possible:
             sys.exit(
                 "LETHE_BUILD_CUDA=1 but CUDA cannot be built: "
-                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={_cuda_home!r}"
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={_cuda_home!r}, "
+                f"cuBLAS (include, library)={_find_cublas()!r}"
             )
         return True
     return possible
@@ -98,6 +117,11 @@ ext_kwargs = dict(
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("LETHE_WITH_CUDA", "1"))
+    cublas_inc, cublas_lib = _find_cublas()
+    ext_kwargs["include_dirs"].append(cublas_inc)
+    # by path: the wheel has only libcublas.so.N; the soname is what is recorded, and torch has
+    # loaded that library before lethe._C is imported
+    ext_kwargs["extra_link_args"] = link_flags + [cublas_lib]
     ext = CUDAExtension(sources=sources, define_macros=define_macros, **ext_kwargs)
 else:
     ext = CppExtension(sources=sources, define_macros=define_macros, **ext_kwargs)

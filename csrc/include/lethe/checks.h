@@ -1,8 +1,15 @@
 #pragma once
 // Host-side argument checks shared by the CPU and CUDA implementations. The Python layer checks
 // the same things first with friendlier wording; these guard direct torch.ops.lethe.* calls.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+// Dispatch over the three accepted float dtypes only (no double instantiations).
+#define LETHE_DISPATCH_FLOATS(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)          \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace lethe {
 

@@ -10,14 +10,13 @@ __all__ = ["BACKENDS", "get_backend", "set_backend", "cpu_cache_info", "empty_cp
            "teacher_topk", "select_forget_positions", "demote_targets", "topk_kl", "fused_linear_topk_kl"]
 
 # Every op and the kernels it has besides its pure-PyTorch reference ("cpu" and "cuda": compiled,
-# "triton"). lethe.info and the build tests read this. The shred family has no CUDA kernels yet:
-# on GPUs it runs in Triton.
+# "triton"). lethe.info and the build tests read this.
 OPS = {
     "fake_quantize": ("cpu", "cuda", "triton"),
-    "teacher_topk": ("cpu", "triton"),
-    "select_forget_positions": ("cpu", "triton"),
-    "demote_targets": ("cpu", "triton"),
-    "topk_kl": ("cpu", "triton"),
-    "topk_kl_backward": ("cpu", "triton"),
-    "fused_linear_topk_kl": ("cpu", "triton"),
+    "teacher_topk": ("cpu", "cuda", "triton"),
+    "select_forget_positions": ("cpu", "cuda", "triton"),
+    "demote_targets": ("cpu", "cuda", "triton"),
+    "topk_kl": ("cpu", "cuda", "triton"),
+    "topk_kl_backward": ("cpu", "cuda", "triton"),
+    "fused_linear_topk_kl": ("cpu", "cuda", "triton"),
 }

@@ -1,8 +1,9 @@
 """shred family: SHRED's teacher pass, forget-position selection, logit demotion, and the demoted
 top-K KL loss, on given logits or fused with the LM head (never materialising [N, V]).
 
-Definitions: python/lethe/ops/shred_reference.py. Backends: the compiled CPU kernels; tensors on
-other devices run the reference until their CUDA / Triton kernels exist (lethe.info says which).
+Definitions: python/lethe/ops/shred_reference.py. Backends: the compiled CPU and CUDA kernels
+(csrc/cpu/shred_*.cpp, csrc/cuda/shred_*.cu), the Triton kernels (triton_kernels/shred_*.py) and
+the reference; lethe.info says which one each op uses.
 """
 from __future__ import annotations
 
