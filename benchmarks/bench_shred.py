@@ -186,6 +186,8 @@ def test_report():
         "peak_extra_GiB": PEAKS,
         # grad_weight and grad_hidden (fp32) are outputs every variant must hold
         "gradient_outputs_GiB": (V * H + N * H) * 4 / 2**30,
+        # peak memory beside inputs and outputs (working memory), and the ratios both ways
+        "working_GiB": {k: v - (V * H + N * H) * 4 / 2**30 for k, v in PEAKS.items()},
         "teacher_speedup_vs_eager": t.get("teacher/eager", 0) / t.get("teacher/lethe", 1),
     }
     path = write_results("shred_cpu", report)
@@ -197,3 +199,9 @@ def test_report():
     print("  peak extra memory (GiB, incl. the gradients' own "
           f"{report['gradient_outputs_GiB']:.2f}): " + ", ".join(f"{k} {v:.2f}" for k, v in PEAKS.items())
           + f"; teacher pass {report['teacher_speedup_vs_eager']:.2f}x eager; written to {path}")
+    if {"lethe", "eager", "chunked"} <= set(PEAKS):
+        wk = report["working_GiB"]
+        print(f"  lethe's peak: {100 * PEAKS['lethe'] / PEAKS['eager']:.1f}% of eager's, "
+              f"{100 * PEAKS['lethe'] / PEAKS['chunked']:.0f}% of chunked's; working memory (peak minus "
+              f"the gradient outputs): {100 * wk['lethe'] / wk['eager']:.1f}% of eager's, "
+              f"{100 * wk['lethe'] / wk['chunked']:.0f}% of chunked's")
