@@ -13,6 +13,7 @@ from lethe import _lib
 from lethe.ops import _backend
 from lethe.ops.shred_reference import (fused_linear_topk_kl_reference, teacher_topk_reference,
                                        topk_kl_reference)
+from test_shred_kl import _targets  # the CPU tests' targets: random or repeated ids, zero rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -213,21 +214,6 @@ def test_demote_targets_all_demoted_and_empty():
 # topk_kl / topk_kl_backward
 
 
-def _targets(N, V, K, g, repeat=False, zero_rows=()):
-    if repeat:
-        ids = torch.randint(0, max(1, min(V, 3)), (N, K), generator=g)  # many repeated ids
-    else:
-        ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)]) if N else (
-            torch.zeros(0, K, dtype=torch.long))
-    q = torch.rand(N, K, generator=g) + 0.01
-    q[:, ::3] = 0.0  # some zero entries
-    if K == 1:
-        q[:] = 1.0
-    q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
-    for r in zero_rows:
-        if r < N:
-            q[r] = 0.0  # a row without target: no loss, no gradient
-    return ids, q
 
 
 KL_CASES = [  # (N, V, K, repeated ids, logit scale)
