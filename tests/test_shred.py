@@ -143,14 +143,17 @@ def test_shred_loss_end_to_end_against_full_logits():
     assert (tg.probs[hit] == 0).all()
 
 
-def test_compile_training_step_fullgraph():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_compile_training_step_fullgraph(device):
     torch._dynamo.reset()
     torch.manual_seed(0)
     N, H, V, K = 24, 16, 40, 6
-    model = nn.Sequential(nn.Linear(H, H), nn.Tanh())
-    head = nn.Linear(H, V)
-    x = torch.randn(N, H)
-    ids, lp, _ = R.teacher_topk_reference(x, head.weight.detach(), head.bias.detach(), torch.zeros(N, dtype=torch.long), K)
+    model = nn.Sequential(nn.Linear(H, H), nn.Tanh()).to(device)
+    head = nn.Linear(H, V).to(device)
+    x = torch.randn(N, H, device=device)
+    ids, lp, _ = R.teacher_topk_reference(x, head.weight.detach(), head.bias.detach(),
+                                          torch.zeros(N, dtype=torch.long, device=device), K)
     q = torch.softmax(lp, -1)
 
     def step(x):
