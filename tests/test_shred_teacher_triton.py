@@ -34,7 +34,8 @@ def _kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return all(isinstance(k, InterpretedFunction)
-               for k in (tt._teacher_row_kernel, tt._select_row_kernel, tt._demote_row_kernel))
+               for k in (tt._teacher_select_kernel, tt._teacher_order_kernel, tt._select_row_kernel,
+                         tt._demote_row_kernel))
 
 
 pytestmark = [pytest.mark.triton]
@@ -99,6 +100,7 @@ TEACHER_SHAPES = [  # (N, H, V, K, chunk_size)
 @pytest.mark.parametrize("shape", TEACHER_SHAPES)
 def test_teacher_topk_tiled(shape, has_bias, dtype, monkeypatch):
     monkeypatch.setattr(tt, "BLOCK_V_MAX", 16)
+    monkeypatch.setattr(tt, "BLOCK_K_MAX", 16)  # several K tiles in the pairwise ranking
     n, h, v, k, chunk = shape
     check_teacher(*teacher_inputs(n, h, v, dtype, has_bias, seed=n + v + k), k, chunk)
 
@@ -110,6 +112,7 @@ def test_teacher_topk_one_tile():
 def test_teacher_topk_exact_ties(monkeypatch):
     # integer-valued inputs: every logit is exact, so the ties are exact on every backend
     monkeypatch.setattr(tt, "BLOCK_V_MAX", 16)
+    monkeypatch.setattr(tt, "BLOCK_K_MAX", 16)  # several K tiles in the pairwise ranking
     g = torch.Generator().manual_seed(2)
     v, h = 37, 3
     base = torch.randint(-2, 3, (5, h), generator=g).float()
@@ -128,6 +131,7 @@ def test_teacher_topk_exact_ties(monkeypatch):
 def test_teacher_topk_nonfinite(monkeypatch):
     # +-inf and NaN logits (through the bias): NaN sorts first, as torch.sort(descending) puts it
     monkeypatch.setattr(tt, "BLOCK_V_MAX", 16)
+    monkeypatch.setattr(tt, "BLOCK_K_MAX", 16)  # several K tiles in the pairwise ranking
     g = torch.Generator().manual_seed(3)
     v = 37
     hidden = torch.randn(4, 4, generator=g).to(DEVICE)

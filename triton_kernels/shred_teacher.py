@@ -6,13 +6,16 @@ shred_kl.py and quant.py do), and index with int64 offsets.
 
 teacher_topk: chunk_size rows at a time, z = hidden_c.float() @ weight.float().t() (+ bias, added
 separately, as the reference rounds it) with torch into one [chunk, V] fp32 buffer, then one
-program per row (_teacher_row_kernel):
+program per row (_teacher_select_kernel, then _teacher_order_kernel):
   * lse: online max / sum-exp over BLOCK_V tiles (per-lane running max and sum, merged at the
     end), as torch.logsumexp: a NaN anywhere gives NaN, a +inf max gives +inf, an all -inf row
     gives -inf;
-  * top-K in the order (value desc, NaN first, id asc), i.e. torch.sort(descending, stable):
-    K rounds, each a pass over the row's tiles that finds the best element strictly after the
-    previous pick in that order. K * V work per row: meant for K <= ~128;
+  * top-K in the order (value desc, NaN first, -0 == +0, id asc), i.e. torch.sort(descending,
+    stable): torch.topk gives K candidate ids per row (which of several equal values it keeps is
+    unspecified), then _teacher_select_kernel keeps the candidates above the K-th value and adds
+    the lowest ids equal to it (an ordered scan of the row), and _teacher_order_kernel ranks those
+    K entries by pairwise comparison ([BLOCK_K, BLOCK_K] tiles) and writes them in order. O(V + K^2)
+    work per row;
   * log-probs z[id] - lse, the label's log-prob (0 where label == -100).
   The ids equal the reference's whenever z is the same (it is computed by the same torch
   matmul); the log-probs agree to fp32 rounding (the lse summation order differs).
@@ -45,6 +48,7 @@ from lethe.triton_kernels.shred_kl import _FLOATS, _check_float, _check_tensor  
 
 # Tunables, read at call time (tests lower them to exercise several tiles at small sizes).
 BLOCK_V_MAX = 4096  # teacher_topk: vocabulary tile (power of two)
+BLOCK_K_MAX = 128  # teacher_topk: tile of the K selected entries, [BLOCK_K, BLOCK_K] pairs
 BLOCK_T_MAX = 128  # select_forget_positions: sequence tile (power of two); [BLOCK_T, BLOCK_T] pairs
 
 IGNORE_INDEX = -100
@@ -59,13 +63,23 @@ NAN = tl.constexpr(float("nan"))
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _teacher_row_kernel(z_ptr, labels_ptr, ids_ptr, lp_ptr, llp_ptr, row0, V, K,
-                        BLOCK_V: tl.constexpr):
-    # z rows are local to the launch (the chunk buffer); outputs are indexed by r = row0 + pid.
+def _order_key(x):
+    """int32 key whose order is torch.sort's on floats: -inf < ... < -0 == +0 < ... < +inf < NaN."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    k = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return tl.where(x != x, 0x7FFFFFFF, k)
+
+
+@triton.jit
+def _teacher_select_kernel(z_ptr, cand_ptr, sel_ptr, lse_ptr, labels_ptr, llp_ptr, row0, V, K,
+                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # z, cand, sel and lse rows are local to the launch (the chunk); labels / llp use r = row0 + pid.
     pid = tl.program_id(0).to(tl.int64)
     r = row0 + pid
     zrow = z_ptr + pid * V
     lanes = tl.arange(0, BLOCK_V).to(tl.int64)
+    klanes = tl.arange(0, BLOCK_K).to(tl.int64)
 
     # log-sum-exp (online, per lane)
     m_vec = tl.full([BLOCK_V], NEG_INF, tl.float32)
@@ -89,47 +103,71 @@ def _teacher_row_kernel(z_ptr, labels_ptr, ids_ptr, lp_ptr, llp_ptr, row0, V, K,
     s = tl.sum(tl.where(m_vec > NEG_INF, s_vec * tl.exp(m_vec - m_safe), 0.0), axis=0)
     lse = tl.where(finite, m + tl.log(tl.where(finite, s, 1.0)), m)
     lse = tl.where(tl.max(nan_vec, axis=0) > 0, NAN, lse)
+    tl.store(lse_ptr + pid, lse)
 
-    # top-K: K rounds, each picks the best element strictly after the previous pick
-    prev_v = tl.full([], NAN, tl.float32)  # "before everything": NaN at id -1
-    prev_id = tl.full([], -1, tl.int64)
-    for j in range(0, K):
-        pn = prev_v != prev_v
-        run_v = tl.full([], NEG_INF, tl.float32)
-        run_id = tl.zeros([], tl.int64) + V  # V: none yet
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + lanes
-            cin = cols < V
-            x = tl.load(zrow + cols, mask=cin, other=0.0)
-            xn = x != x
-            later = cols > prev_id
-            after_num = (~xn) & ((x < prev_v) | ((x == prev_v) & later))
-            after_nan = (~xn) | later
-            cand = cin & tl.where(pn, after_nan, after_num)
-            # best NaN candidate of the tile (the lowest id), else the best number
-            nan_id = tl.min(tl.where(cand & xn, cols, V), axis=0)
-            num = cand & (~xn)
-            t_v = tl.max(tl.where(num, x, NEG_INF), axis=0)
-            num_id = tl.min(tl.where(num & (x == t_v), cols, V), axis=0)
-            t_nan = nan_id < V
-            t_id = tl.where(t_nan, nan_id, num_id)
-            t_v = tl.where(t_nan, NAN, t_v)
-            # merge: later tiles have larger ids, so equal keys keep the running pick
-            r_none = run_id >= V
-            r_nan = run_v != run_v
-            better = (t_id < V) & (r_none | (t_nan & (~r_nan)) | ((~t_nan) & (~r_nan) & (t_v > run_v)))
-            run_v = tl.where(better, t_v, run_v)
-            run_id = tl.where(better, t_id, run_id)
-        tl.store(ids_ptr + r * K + j, run_id)
-        tl.store(lp_ptr + r * K + j, run_v - lse)
-        prev_v = run_v
-        prev_id = run_id
+    # the K-th largest key: the smallest candidate key
+    tk = tl.full([], 0x7FFFFFFF, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + klanes
+        kin = ks < K
+        cid = tl.load(cand_ptr + pid * K + ks, mask=kin, other=0)
+        key = _order_key(tl.load(zrow + cid, mask=kin, other=0.0))
+        tk = tl.minimum(tk, tl.min(tl.where(kin, key, 0x7FFFFFFF), axis=0))
+    # slots [0, gt): the candidates above tk (any order)
+    gt = tl.zeros([], tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + klanes
+        kin = ks < K
+        cid = tl.load(cand_ptr + pid * K + ks, mask=kin, other=0)
+        take = kin & (_order_key(tl.load(zrow + cid, mask=kin, other=0.0)) > tk)
+        pos = gt + tl.cumsum(take.to(tl.int64), axis=0) - 1
+        tl.store(sel_ptr + pid * K + pos, cid, mask=take)
+        gt += tl.sum(take.to(tl.int64), axis=0)
+    # slots [gt, K): the lowest ids whose key equals tk
+    need = K - gt
+    seen = tl.zeros([], tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lanes
+        cin = cols < V
+        eq = cin & (_order_key(tl.load(zrow + cols, mask=cin, other=0.0)) == tk)
+        pos = seen + tl.cumsum(eq.to(tl.int64), axis=0) - 1
+        take = eq & (pos < need)
+        tl.store(sel_ptr + pid * K + gt + pos, cols, mask=take)
+        seen += tl.sum(eq.to(tl.int64), axis=0)
 
     label = tl.load(labels_ptr + r)
     ignored = label == -100
     safe = tl.where(ignored, 0, label)
     zl = tl.load(zrow + safe)
     tl.store(llp_ptr + r, tl.where(ignored, 0.0, zl - lse))
+
+
+@triton.jit
+def _teacher_order_kernel(z_ptr, sel_ptr, lse_ptr, ids_ptr, lp_ptr, row0, V, K,
+                          BLOCK_K: tl.constexpr):
+    # rank of each selected entry: the entries before it in (key desc, id asc), ids being distinct
+    pid = tl.program_id(0).to(tl.int64)
+    r = row0 + pid
+    zrow = z_ptr + pid * V
+    lse = tl.load(lse_ptr + pid)
+    lanes = tl.arange(0, BLOCK_K).to(tl.int64)
+    for i0 in range(0, K, BLOCK_K):
+        ii = i0 + lanes
+        iin = ii < K
+        id_i = tl.load(sel_ptr + pid * K + ii, mask=iin, other=0)
+        z_i = tl.load(zrow + id_i, mask=iin, other=0.0)
+        key_i = _order_key(z_i)
+        rank = tl.zeros([BLOCK_K], tl.int64)
+        for j0 in range(0, K, BLOCK_K):
+            jj = j0 + lanes
+            jin = jj < K
+            id_j = tl.load(sel_ptr + pid * K + jj, mask=jin, other=0)
+            key_j = _order_key(tl.load(zrow + id_j, mask=jin, other=0.0))
+            before = (key_j[None, :] > key_i[:, None]) | (
+                (key_j[None, :] == key_i[:, None]) & (id_j[None, :] < id_i[:, None]))
+            rank += tl.sum((before & jin[None, :]).to(tl.int64), axis=1)
+        tl.store(ids_ptr + r * K + rank, id_i, mask=iin)
+        tl.store(lp_ptr + r * K + rank, z_i - lse, mask=iin)
 
 
 @triton.jit
@@ -295,17 +333,23 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     W = weight.detach().to(torch.float32)
     b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
     block_v = max(16, min(triton.next_power_of_2(v), BLOCK_V_MAX))
+    block_k = max(16, min(triton.next_power_of_2(k), BLOCK_K_MAX))
     warps = 8 if block_v >= 4096 else 4
     c_max = min(chunk_size, n)
     zbuf = torch.empty((c_max, v), dtype=torch.float32, device=dev)
+    sel = torch.empty((c_max, k), dtype=torch.int64, device=dev)
+    lse = torch.empty(c_max, dtype=torch.float32, device=dev)
     for s in range(0, n, c_max):
         c = min(c_max, n - s)
         z = zbuf[:c]
         torch.mm(hd[s:s + c].to(torch.float32), W.t(), out=z)
         if b is not None:
             z.add_(b)  # as the reference: (h @ w^T) + b, rounded separately
-        _teacher_row_kernel[(c,)](zbuf, lab, ids, lp, llp, s, v, k, BLOCK_V=block_v,
-                                  num_warps=warps, enable_fp_fusion=False)
+        cand = torch.topk(z, k, dim=1, sorted=False).indices.contiguous()
+        _teacher_select_kernel[(c,)](zbuf, cand, sel, lse, lab, llp, s, v, k, BLOCK_V=block_v,
+                                     BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=False)
+        _teacher_order_kernel[(c,)](zbuf, sel, lse, ids, lp, s, v, k, BLOCK_K=block_k,
+                                    num_warps=4, enable_fp_fusion=False)
     return ids, lp, llp
 
 
