@@ -214,8 +214,6 @@ def test_demote_targets_all_demoted_and_empty():
 # topk_kl / topk_kl_backward
 
 
-
-
 KL_CASES = [  # (N, V, K, repeated ids, logit scale)
     (1, 7, 3, False, 3.0),
     (37, 101, 5, False, 3.0),
