@@ -7,6 +7,8 @@ TORCH_LIBRARY(lethe, m) {
   // integer, 1 = NF4. Returns (y, mask); mask (clipped STE) is empty unless return_mask.
   m.def("fake_quantize(Tensor x, int group_size, int bits, int codebook, bool symmetric, "
         "float scale_div, bool return_mask) -> (Tensor, Tensor)");
+  // The clipped STE's backward: grad where mask, else 0 (grad's dtype and shape).
+  m.def("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor");
 
   // shred: SHRED's teacher pass, selection, demotion and the demoted top-K KL (see
   // python/lethe/ops/shred_reference.py for the definitions).

@@ -362,3 +362,47 @@ def test_spec_group_length():
     assert QuantSpec(granularity="row").group_length(x) == 256
     assert QuantSpec(granularity="group", group_size=64).group_length(x) == 64
     assert math.isclose(quant_spec("int4-g128", scale_rule=6.0).scale_div, 6.0)
+
+
+# ---- fake_quantize_backward: the clipped STE's select, as its own op ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (2, 65537), (4, 4, 33)])
+def test_fake_quantize_backward_matches_where(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    grad = torch.randn(shape, generator=g).to(dtype)
+    if grad.numel() > 3:
+        grad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    mask = torch.rand(shape, generator=g) < 0.6
+    out = torch.ops.lethe.fake_quantize_backward(grad, mask)
+    expected = torch.where(mask, grad, torch.zeros((), dtype=dtype))
+    assert out.dtype == dtype and out.shape == grad.shape
+    assert torch.equal(out.view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       expected.view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_fake_quantize_backward_noncontiguous_and_double_backward():
+    grad = torch.randn(6, 10).t()  # not contiguous
+    mask = (torch.rand(10, 6) < 0.5)
+    out = torch.ops.lethe.fake_quantize_backward(grad, mask)
+    assert torch.equal(out, torch.where(mask, grad, 0.0))
+    # the clipped STE is linear in the incoming gradient: its own backward is the same select
+    x = torch.randn(8, 128, requires_grad=True)
+    gy = torch.randn(8, 128, requires_grad=True)
+    y = fake_quantize(x, "int4-g128", ste="clipped")
+    gx, = torch.autograd.grad(y, x, gy, create_graph=True)
+    ggy, = torch.autograd.grad(gx.sum(), gy)
+    _, mask = torch.ops.lethe.fake_quantize(x.detach(), 128, 4, 0, True, 7.5, True)
+    assert torch.equal(ggy, mask.float())
+
+
+def test_fake_quantize_backward_opcheck_and_errors():
+    grad = torch.randn(5, 7, requires_grad=True)
+    mask = torch.rand(5, 7) < 0.5
+    torch.library.opcheck(torch.ops.lethe.fake_quantize_backward.default, (grad, mask))
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.lethe.fake_quantize_backward(grad, mask.float())
+    with pytest.raises(RuntimeError, match="mask must have grad's shape"):
+        torch.ops.lethe.fake_quantize_backward(grad, mask[:4])
+    with pytest.raises(RuntimeError, match="grad must be float32"):
+        torch.ops.lethe.fake_quantize_backward(grad.double(), mask)

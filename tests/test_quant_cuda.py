@@ -253,3 +253,18 @@ def test_bad_args():
         torch.ops.lethe.fake_quantize(x, 6, 3, 1, False, 1.0, False)  # nf4 needs 4 bits
     with pytest.raises(RuntimeError):
         torch.ops.lethe.fake_quantize(x.double(), 6, 4, 0, True, 7.0, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 255, 256, 1000003])
+def test_fake_quantize_backward(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=g).to(dtype)
+    grad[0] = float("nan")  # a NaN gradient where the mask is false must become 0
+    mask = torch.rand(n, generator=g) < 0.5
+    mask[0] = False
+    out = torch.ops.lethe.fake_quantize_backward(grad.cuda(), mask.cuda())
+    assert out.device.type == "cuda" and out.dtype == dtype
+    assert torch.equal(out.cpu(), torch.ops.lethe.fake_quantize_backward(grad, mask))
+    with pytest.raises(RuntimeError, match="mask must be on"):
+        torch.ops.lethe.fake_quantize_backward(grad.cuda(), mask)

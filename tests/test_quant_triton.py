@@ -228,3 +228,24 @@ def test_opcheck_triton_op(args):
 
     x = torch.randn(2, 384, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.lethe.fake_quantize_triton.default, (x, *args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter mishandles bf16
+@pytest.mark.parametrize("n", [1, 7, 4097])
+def test_fake_quantize_backward(n, dtype):
+    import lethe  # noqa: F401  (registers lethe::fake_quantize_backward_triton)
+
+    g = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=g).to(dtype)
+    grad[0] = float("nan")  # a NaN gradient where the mask is false must become 0
+    mask = torch.rand(n, generator=g) < 0.5
+    mask[0] = False
+    out = tq.fake_quantize_backward(grad.to(DEVICE), mask.to(DEVICE))
+    assert out.dtype == dtype and out.shape == (n,)
+    assert torch.equal(out.cpu(), torch.where(mask, grad, torch.zeros((), dtype=dtype)))
+    torch.library.opcheck(torch.ops.lethe.fake_quantize_backward_triton.default,
+                          (grad.to(DEVICE).requires_grad_(True), mask.to(DEVICE)))
+    with pytest.raises(ValueError):
+        tq.fake_quantize_backward(grad.to(DEVICE), mask[:-1].to(DEVICE))
+    with pytest.raises(TypeError):
+        tq.fake_quantize_backward(grad.to(DEVICE), mask.float().to(DEVICE))

@@ -195,6 +195,15 @@ def _fq_apply_kernel(x_ptr, y_ptr, m_ptr, scale_ptr, zp_ptr, gbad_ptr, lv_ptr, m
 _TABLES: dict = {}
 
 
+@triton.jit
+def _fq_backward_kernel(g_ptr, m_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+    keep = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+    tl.store(out_ptr + offs, tl.where(keep, g, tl.zeros_like(g)), mask=inb)
+
+
 def _tables(device):
     key = str(device)
     t = _TABLES.get(key)
@@ -280,3 +289,23 @@ def fake_quantize(x: torch.Tensor, group_size: int, bits: int, codebook: int, sy
                                CHUNK_=chunk, CODEBOOK=codebook, RETURN_MASK=return_mask,
                                num_warps=warps, enable_fp_fusion=False)
     return y, mask
+
+
+def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The clipped STE's backward: grad where mask, else 0 (grad's dtype and shape)."""
+    if grad.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    if mask.shape != grad.shape:
+        raise ValueError(f"mask must have grad's shape {tuple(grad.shape)}, got {tuple(mask.shape)}")
+    if mask.device != grad.device:
+        raise ValueError(f"mask must be on grad's device {grad.device}, got {mask.device}")
+    g = grad.detach().contiguous()
+    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    n = g.numel()
+    if n:
+        block = 4096
+        _fq_backward_kernel[(triton.cdiv(n, block),)](g, mask.contiguous().view(torch.uint8), out, n,
+                                                      BLOCK=block, num_warps=8)
+    return out

@@ -215,8 +215,41 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_
   return {y, mask};
 }
 
+// grad where mask, else +0: a select on the raw bits (uint of the element's width), so one loop
+// serves every float dtype and vectorises; the output comes from the buffer cache (a fresh
+// output page-faults on first write, which cost more than the select itself).
+template <typename bits_t>
+void masked_copy(const bits_t* g, const bool* m, bits_t* out, int64_t n) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = g[i] & static_cast<bits_t>(-static_cast<bits_t>(m[i]));
+  });
+}
+
+at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  check_fake_quantize_backward_args(grad, mask);
+  TORCH_CHECK(grad.device().is_cpu() && mask.device().is_cpu(),
+              "grad and mask must be CPU tensors for the CPU kernel, got ", grad.device(), " and ",
+              mask.device());
+  const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
+  at::Tensor out = cached_empty(grad.sizes(), grad.scalar_type());
+  const int64_t n = grad.numel();
+  if (n == 0) return out;
+  const bool* m = mc.const_data_ptr<bool>();
+  if (grad.element_size() == 4) {
+    masked_copy(static_cast<const uint32_t*>(gc.const_data_ptr()), m,
+                static_cast<uint32_t*>(out.mutable_data_ptr()), n);
+  } else {
+    masked_copy(static_cast<const uint16_t*>(gc.const_data_ptr()), m,
+                static_cast<uint16_t*>(out.mutable_data_ptr()), n);
+  }
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lethe, CPU, m) { m.impl("fake_quantize", &fake_quantize_cpu); }
+TORCH_LIBRARY_IMPL(lethe, CPU, m) {
+  m.impl("fake_quantize", &fake_quantize_cpu);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+}
 
 }  // namespace lethe

@@ -291,11 +291,6 @@ inline bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-#define LETHE_QUANT_CASES(...)                  \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)      \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
-
 std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64_t group_size,
                                                       int64_t bits, int64_t codebook,
                                                       bool symmetric, double scale_div,
@@ -310,9 +305,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64
   const int64_t numel = x.numel();
   if (numel == 0) return {y, mask};
   // float32, float16, bfloat16 only (check_fake_quantize_args rejects the rest).
-  AT_DISPATCH_SWITCH(
-      x.scalar_type(), "fake_quantize_cuda",
-      LETHE_QUANT_CASES([&] {
+  LETHE_DISPATCH_FLOATS(
+      x.scalar_type(), "fake_quantize_cuda", [&] {
         const scalar_t* xp = xc.const_data_ptr<scalar_t>();
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
         bool* mp = return_mask ? mask.mutable_data_ptr<bool>() : nullptr;
@@ -325,12 +319,48 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64
         } else {
           launch<scalar_t, 1>(xp, yp, mp, numel, group_size, bits, codebook, symmetric, sd, xc);
         }
-      }));
+      });
   return {y, mask};
+}
+
+// grad where mask, else +0, on the raw bits of each element
+template <typename bits_t>
+__global__ void __launch_bounds__(kThreads)
+    fake_quantize_backward_kernel(const bits_t* __restrict__ g, const bool* __restrict__ m,
+                                  bits_t* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads)
+    out[i] = m[i] ? g[i] : bits_t(0);
+}
+
+at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
+  check_fake_quantize_backward_args(grad, mask);
+  TORCH_CHECK(grad.is_cuda(), "grad must be a CUDA tensor for the CUDA kernel, got ", grad.device());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
+  at::Tensor out = at::empty_like(gc, at::MemoryFormat::Contiguous);
+  const int64_t n = grad.numel();
+  if (n == 0) return out;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65536));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (grad.element_size() == 4) {
+    fake_quantize_backward_kernel<uint32_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const uint32_t*>(gc.const_data_ptr()), mc.const_data_ptr<bool>(),
+        static_cast<uint32_t*>(out.mutable_data_ptr()), n);
+  } else {
+    fake_quantize_backward_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const uint16_t*>(gc.const_data_ptr()), mc.const_data_ptr<bool>(),
+        static_cast<uint16_t*>(out.mutable_data_ptr()), n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lethe, CUDA, m) { m.impl("fake_quantize", &fake_quantize_cuda); }
+TORCH_LIBRARY_IMPL(lethe, CUDA, m) {
+  m.impl("fake_quantize", &fake_quantize_cuda);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cuda);
+}
 
 }  // namespace lethe

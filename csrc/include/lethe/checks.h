@@ -38,4 +38,13 @@ inline void check_fake_quantize_args(const at::Tensor& x, int64_t group_size, in
   }
 }
 
+inline void check_fake_quantize_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
+  check_float_input(grad, "grad");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == grad.sizes(), "mask must have grad's shape ", grad.sizes(), ", got ",
+              mask.sizes());
+  TORCH_CHECK(mask.device() == grad.device(), "mask must be on grad's device ", grad.device(),
+              ", got ", mask.device());
+}
+
 }  // namespace lethe

@@ -13,6 +13,7 @@ __all__ = ["BACKENDS", "get_backend", "set_backend", "cpu_cache_info", "empty_cp
 # "triton"). lethe.info and the build tests read this.
 OPS = {
     "fake_quantize": ("cpu", "cuda", "triton"),
+    "fake_quantize_backward": ("cpu", "cuda", "triton"),
     "teacher_topk": ("cpu", "cuda", "triton"),
     "select_forget_positions": ("cpu", "cuda", "triton"),
     "demote_targets": ("cpu", "cuda", "triton"),

@@ -184,14 +184,43 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1] if ctx.clipped else None)
 
 
-def _backward(ctx, grad_y, grad_mask):
-    if ctx.clipped:
+def _ste_backward_reference(grad, mask):
+    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def _backward_with(which):
+    """Backward of fake_quantize (native or Triton): the clipped STE's select runs as the op
+    fake_quantize_backward of the same backend; torch.where would allocate a fresh output, whose
+    first-touch page faults on CPU cost several times the select."""
+    def backward(ctx, grad_y, grad_mask):
+        if ctx.clipped:
+            (mask,) = ctx.saved_tensors
+            if _lib.has_op("fake_quantize_backward"):
+                grad_y = _backend.kernel_op("fake_quantize_backward", which)(grad_y, mask)
+            else:
+                grad_y = _ste_backward_reference(grad_y, mask)
+        return grad_y, None, None, None, None, None, None
+    return backward
+
+
+def _fake_backward_op(grad, mask):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _backward_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_op_backward_with(which):
+    def backward(ctx, gg):  # linear in grad: the same select
         (mask,) = ctx.saved_tensors
-        grad_y = torch.where(mask, grad_y, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device))
-    return grad_y, None, None, None, None, None, None
+        return _backend.kernel_op("fake_quantize_backward", which)(gg, mask), None
+    return backward
 
 
-_lib.register("fake_quantize", _fake, _backward, _setup_context)
+_lib.register("fake_quantize", _fake, _backward_with("native"), _setup_context)
+_lib.register("fake_quantize_backward", _fake_backward_op, _backward_op_backward_with("native"),
+              _backward_op_setup)
 
 if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.quant"):
 
@@ -204,6 +233,15 @@ if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.
 
         return kernel(x, group_size, bits, codebook, symmetric, scale_div, return_mask)
 
+    @torch.library.custom_op("lethe::fake_quantize_backward_triton", mutates_args=())
+    def _fake_quantize_backward_triton(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from lethe.triton_kernels.quant import fake_quantize_backward as kernel
+
+        return kernel(grad, mask)
+
     _fake_quantize_triton.register_fake(_fake)
-    _fake_quantize_triton.register_autograd(_backward, setup_context=_setup_context)
-    _backend.TRITON_OPS.add("fake_quantize")
+    _fake_quantize_triton.register_autograd(_backward_with("triton"), setup_context=_setup_context)
+    _fake_quantize_backward_triton.register_fake(_fake_backward_op)
+    _fake_quantize_backward_triton.register_autograd(_backward_op_backward_with("triton"),
+                                                     setup_context=_backward_op_setup)
+    _backend.TRITON_OPS.update({"fake_quantize", "fake_quantize_backward"})
