@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_
   at::Tensor y = cached_empty(x.sizes(), x.scalar_type());
   at::Tensor mask = cached_empty(return_mask ? x.sizes() : at::IntArrayRef{0}, at::kBool);
   if (x.numel() == 0) return {y, mask};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_cpu",
+  LETHE_DISPATCH_FLOATS(x.scalar_type(), "fake_quantize_cpu",
                                   [&] {
                                     fake_quantize_impl<scalar_t>(
                                         xc.const_data_ptr<scalar_t>(),

@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_cpu(const at::Tensor& logits,
   at::Tensor lse = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
   if (N == 0) return {loss, lse};
   const at::Tensor zc = logits.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "topk_kl_cpu", [&] {
+  LETHE_DISPATCH_FLOATS(zc.scalar_type(), "topk_kl_cpu", [&] {
     topk_kl_rows<scalar_t>(zc.const_data_ptr<scalar_t>(), t.ids.const_data_ptr<int64_t>(),
                            t.q.const_data_ptr<float>(),
                            t.w.defined() ? t.w.const_data_ptr<float>() : nullptr, N, V, t.K,
@@ -344,7 +344,7 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
   if (N == 0) return out;
   const at::Tensor zc = logits.contiguous();
   const at::Tensor g = to_f32(grad_loss), l = to_f32(lse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(),
+  LETHE_DISPATCH_FLOATS(zc.scalar_type(),
                                   "topk_kl_backward_cpu", [&] {
                                     topk_kl_backward_rows<scalar_t>(
                                         g.const_data_ptr<float>(), zc.const_data_ptr<scalar_t>(),
