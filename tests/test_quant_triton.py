@@ -1,39 +1,21 @@
 """Triton fake_quantize (lethe.triton_kernels.quant) against the pure-PyTorch reference, bit for bit.
 
 On a machine without a CUDA GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
-tests/conftest.py, and again here before triton is imported, for a run of this file alone); the
-interpreter mishandles bfloat16, so bfloat16 is checked on the GPU only."""
-import os
-
+tests/conftest.py; see tests/triton_util.py); the interpreter mishandles bfloat16, so bfloat16 is checked on the GPU only."""
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import triton  # noqa: E402,F401  (a dependency: its absence is a failure, not a skip)
-
-from lethe.ops.quant_reference import fake_quantize_codes  # noqa: E402
-from lethe.triton_kernels import quant as tq  # noqa: E402
-from lethe.triton_kernels.quant import fake_quantize  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-
-
-def _kernels_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tq._fq_small_kernel, InterpretedFunction)
-
+from triton_util import DEVICE, assert_kernels_run_where_they_can
+from lethe.ops.quant_reference import fake_quantize_codes
+from lethe.triton_kernels import quant as tq
+from lethe.triton_kernels.quant import fake_quantize
 
 pytestmark = [pytest.mark.triton]
 
 
 def test_kernels_run_where_they_can():
-    # On CPU the kernels only run interpreted, which must be on before they are defined.
-    assert DEVICE == "cuda" or (INTERPRETED and _kernels_interpreted())
+    assert_kernels_run_where_they_can(tq._fq_small_kernel)
+
 
 DTYPES = [torch.float32, torch.float16]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -3,41 +3,22 @@ fused_linear_topk_kl) against the pure-PyTorch reference and its autograd (fp32 
 summation orders differ, so not bit for bit).
 
 On a machine without a CUDA GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
-tests/conftest.py, and again here before triton is imported, for a run of this file alone); the
-interpreter mishandles bfloat16, so only float32 and float16 are checked."""
-import os
-
+tests/conftest.py; see tests/triton_util.py); the interpreter mishandles bfloat16, so only float32 and float16 are checked."""
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import triton  # noqa: E402,F401  (a dependency: its absence is a failure, not a skip)
-
-from lethe.ops.shred_reference import (  # noqa: E402
+from triton_util import DEVICE, assert_kernels_run_where_they_can
+from lethe.ops.shred_reference import (
     fused_linear_topk_kl_reference,
     topk_kl_reference,
 )
-from lethe.triton_kernels import shred_kl as ts  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-
-
-def _kernels_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(ts._kl_row_kernel, InterpretedFunction)
-
+from lethe.triton_kernels import shred_kl as ts
 
 pytestmark = [pytest.mark.triton]
 
 
 def test_kernels_run_where_they_can():
-    # On CPU the kernels only run interpreted, which must be on before they are defined.
-    assert DEVICE == "cuda" or (INTERPRETED and _kernels_interpreted())
+    assert_kernels_run_where_they_can(ts._kl_row_kernel)
 
 
 DTYPES = [torch.float32, torch.float16]

@@ -6,44 +6,24 @@ fp32 rounding (the summation orders differ). Demotion tests use random probabili
 exclusive cumulative sum lands exactly on top_p (there the last bit of the cumsum decides).
 
 On a machine without a CUDA GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
-tests/conftest.py, and again here before triton is imported, for a run of this file alone); the
-interpreter mishandles bfloat16, so only float32 and float16 are checked."""
-import os
-
+tests/conftest.py; see tests/triton_util.py); the interpreter mishandles bfloat16, so only float32 and float16 are checked."""
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import triton  # noqa: E402,F401  (a dependency: its absence is a failure, not a skip)
-
-from lethe.ops.shred_reference import (  # noqa: E402
+from triton_util import DEVICE, assert_kernels_run_where_they_can
+from lethe.ops.shred_reference import (
     demote_targets_reference,
     select_forget_positions_reference,
     teacher_topk_reference,
 )
-from lethe.triton_kernels import shred_teacher as tt  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-
-
-def _kernels_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return all(isinstance(k, InterpretedFunction)
-               for k in (tt._teacher_select_kernel, tt._teacher_order_kernel, tt._select_row_kernel,
-                         tt._demote_row_kernel))
-
+from lethe.triton_kernels import shred_teacher as tt
 
 pytestmark = [pytest.mark.triton]
 
 
 def test_kernels_run_where_they_can():
-    # On CPU the kernels only run interpreted, which must be on before they are defined.
-    assert DEVICE == "cuda" or (INTERPRETED and _kernels_interpreted())
+    assert_kernels_run_where_they_can(tt._teacher_select_kernel, tt._teacher_order_kernel,
+                                      tt._select_row_kernel, tt._demote_row_kernel)
 
 
 DTYPES = [torch.float32, torch.float16]
