@@ -268,3 +268,6 @@ def test_fake_quantize_backward(n, dtype):
     assert torch.equal(out.cpu(), torch.ops.lethe.fake_quantize_backward(grad, mask))
     with pytest.raises(RuntimeError, match="mask must be on"):
         torch.ops.lethe.fake_quantize_backward(grad.cuda(), mask)
+    if n < 1000:
+        torch.library.opcheck(torch.ops.lethe.fake_quantize_backward.default,
+                              (grad.cuda().requires_grad_(True), mask.cuda()))
