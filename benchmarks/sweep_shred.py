@@ -2,9 +2,10 @@
 and N in {1k, 4k, 16k}: lethe against the eager composition, each configuration in a fresh
 process whose address space is capped (LETHE_SWEEP_GIB, default 20) so that running out of
 memory is an error we can report, not a killed machine. Prints a Markdown table and writes
-benchmarks/results/shred_sweep_cpu.json.
+benchmarks/results/shred_sweep_cpu.json after every configuration; an interrupted sweep resumes
+from that file (configurations already measured with the same cap are kept; --fresh starts over).
 
-    .venv/bin/python benchmarks/sweep_shred.py            (about 10 minutes on 2 cores)
+    .venv/bin/python benchmarks/sweep_shred.py [--fresh]   (about 10 minutes on 2 cores)
 """
 import json
 import os
@@ -54,18 +55,44 @@ def run(N, V, impl):
     return {"oom": f"process failed (rc {r.returncode}): {r.stderr.strip().splitlines()[-1:]}"}
 
 
-def main():
-    rows = []
-    for V in (32000, 128000):
-        for N in (1024, 4096, 16384):
-            res = {impl: run(N, V, impl) for impl in ("lethe", "eager")}
-            flops = 6 * N * H * V
-            rows.append({"N": N, "V": V, **res, "lethe_GFLOPs": flops / res["lethe"]["seconds"] / 1e9
-                         if "seconds" in res["lethe"] else None})
-            print(rows[-1], flush=True)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "shred_sweep_cpu.json"), "w") as f:
+PATH = os.path.join(HERE, "results", "shred_sweep_cpu.json")
+GRID = [(N, V) for V in (32000, 128000) for N in (1024, 4096, 16384)]
+
+
+def load_done():
+    """Rows of an earlier run of the same sweep (same H, K and cap), by (N, V)."""
+    try:
+        with open(PATH) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if (old.get("H"), old.get("K"), old.get("cap_GiB")) != (H, K, CAP_GIB):
+        return {}
+    return {(r["N"], r["V"]): r for r in old.get("rows", [])}
+
+
+def save(rows):
+    os.makedirs(os.path.dirname(PATH), exist_ok=True)
+    tmp = PATH + ".tmp"
+    with open(tmp, "w") as f:
         json.dump({"H": H, "K": K, "cap_GiB": CAP_GIB, "rows": rows}, f, indent=1)
+    os.replace(tmp, PATH)  # a crash never leaves a half-written file
+
+
+def main():
+    done = {} if "--fresh" in sys.argv[1:] else load_done()
+    rows = []
+    for i, (N, V) in enumerate(GRID):
+        if (N, V) in done:
+            rows.append(done[(N, V)])
+            print(f"[{i + 1}/{len(GRID)}] N={N} V={V}: kept from {PATH}", flush=True)
+            continue
+        res = {impl: run(N, V, impl) for impl in ("lethe", "eager")}
+        flops = 6 * N * H * V
+        rows.append({"N": N, "V": V, **res, "lethe_GFLOPs": flops / res["lethe"]["seconds"] / 1e9
+                     if "seconds" in res["lethe"] else None})
+        save(rows)
+        print(f"[{i + 1}/{len(GRID)}]", rows[-1], flush=True)
     print(f"\n| N | V | lethe s | lethe GFLOP/s | lethe peak GiB | eager s | eager peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
