@@ -77,6 +77,25 @@ def test_gradient_is_softmax_minus_q():
     torch.testing.assert_close(g, expect, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_backward_scales_by_the_incoming_gradient():
+    # the precomputed gradients are scaled in place by a non-unit upstream gradient
+    hidden, weight, b, labels, ids, q = _problem(N=9)
+    grads = []
+    for factor in (1.0, -2.5):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        (factor * S.fused_linear_topk_kl(h, w, ids, q, bias=b)).backward()
+        grads.append((h.grad, w.grad))
+    for a, b1 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, -2.5 * b1, rtol=1e-6, atol=1e-7)
+    # a second backward through the same node must fail, not scale twice
+    h = hidden.clone().requires_grad_(True)
+    loss = 3.0 * S.fused_linear_topk_kl(h, weight, ids, q, bias=b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_all_positions_ignored_gives_zero_loss_and_gradient():
     hidden, weight, b, labels, ids, q = _problem(N=8)
     h = hidden.clone().requires_grad_(True)

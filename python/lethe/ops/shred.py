@@ -276,12 +276,16 @@ class _FusedLinearTopkKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gh, gw, gb = ctx.saved_tensors
-        # The usual case, loss.backward() on the loss itself: pass the gradients on without a
-        # scaled copy (a copy of grad_weight is the largest allocation of the whole step).
-        if not torch.compiler.is_compiling() and g.device.type == "cpu" and g.item() == 1.0:
+        if torch.compiler.is_compiling():
+            scale = lambda t: t * g.to(t.dtype)  # noqa: E731  (traced: stays functional)
+        elif g.device.type == "cpu" and g.item() == 1.0:
+            # the usual case, loss.backward() on the loss itself: pass the gradients on as they are
             scale = lambda t: t  # noqa: E731
         else:
-            scale = lambda t: t * g.to(t.dtype)  # noqa: E731
+            # in place, without a sync: a scaled copy of grad_weight would be the largest
+            # allocation of the step. A second backward through this node (retain_graph) then
+            # fails in autograd's saved-tensor version check instead of scaling twice.
+            scale = lambda t: t.mul_(g.to(t.dtype))  # noqa: E731
         return (scale(gh) if ctx.needs_input_grad[0] else None,
                 scale(gw) if ctx.needs_input_grad[1] else None,
                 scale(gb) if ctx.has_bias and ctx.needs_input_grad[2] else None,
