@@ -253,21 +253,24 @@ def test_bad_input(call, exc, match):
         call((hidden, weight, b, labels, ids, q))
 
 
-def test_hf_causal_lm_helper():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_hf_causal_lm_helper(device):
     import transformers  # a test dependency (make deps installs it)
     from lethe.integrations import hf
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    teacher = transformers.LlamaForCausalLM(cfg)
-    student = transformers.LlamaForCausalLM(cfg)
+    teacher = transformers.LlamaForCausalLM(cfg).to(device)
+    student = transformers.LlamaForCausalLM(cfg).to(device)
     student.load_state_dict(teacher.state_dict())
     batch = {"input_ids": torch.randint(0, 97, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     batch["attention_mask"][1, -2:] = 0
+    batch = {k: v.to(device) for k, v in batch.items()}
     loss_fn = ShredLoss(k=16, fraction=0.5, chunk_size=8)
     tg = hf.shred_targets(teacher, batch, loss_fn)
-    assert tg.ids.shape == (2, 9, 16) and not tg.valid[1, -2:].any()
+    assert tg.ids.shape == (2, 9, 16) and not tg.valid[1, -2:].any() and tg.ids.device.type == device
     loss = hf.shred_loss(student, batch, tg, loss_fn)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0  # the demoted label makes q differ from the teacher
