@@ -59,12 +59,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 def _find_cublas():
-    """(include dir, library file) of cuBLAS: the toolkit's, or the pip wheel's (nvidia/*) that torch
-    itself loads. The fused LM-head kernels call cublasGemmEx for fp16/bf16 inputs with fp32 output,
+    """(include dir, library file) of cuBLAS: the pip wheel's (nvidia/*) that torch itself loads, or
+    the toolkit's. The fused LM-head kernels call cublasGemmEx for fp16/bf16 inputs with fp32 output,
     which ATen does not expose with an fp32 accumulator."""
-    roots = [_cuda_home] if _cuda_home else []
-    for p in sys.path:
+    roots = []
+    for p in sys.path:  # the wheel's first: that is the library torch loads
         roots += sorted(glob.glob(os.path.join(p, "nvidia", "*")))
+    roots += [_cuda_home] if _cuda_home else []
     inc = lib = None
     for r in roots:
         if inc is None and os.path.isfile(os.path.join(r, "include", "cublas_v2.h")):
@@ -118,7 +119,10 @@ if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("LETHE_WITH_CUDA", "1"))
     cublas_inc, cublas_lib = _find_cublas()
-    ext_kwargs["include_dirs"].append(cublas_inc)
+    # -isystem: searched after every -I, so the toolkit's own CUDA headers keep precedence over the
+    # copies in the wheel's include folder; only what the toolkit lacks (cuBLAS) comes from there
+    cxx_flags += ["-isystem", cublas_inc]
+    nvcc_flags += ["-isystem", cublas_inc]
     # by path: the wheel has only libcublas.so.N; the soname is what is recorded, and torch has
     # loaded that library before lethe._C is imported
     ext_kwargs["extra_link_args"] = link_flags + [cublas_lib]
