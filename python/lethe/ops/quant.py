@@ -192,13 +192,15 @@ def _backward_with(which):
     """Backward of fake_quantize (native or Triton): the clipped STE's select runs as the op
     fake_quantize_backward of the same backend; torch.where would allocate a fresh output, whose
     first-touch page faults on CPU cost several times the select."""
+    # decided once: the Triton twin always exists beside the Triton forward; the compiled op
+    # may be missing from a library built from older sources
+    op = (_backend.kernel_op("fake_quantize_backward", which)
+          if which == "triton" or _lib.has_op("fake_quantize_backward") else _ste_backward_reference)
+
     def backward(ctx, grad_y, grad_mask):
         if ctx.clipped:
             (mask,) = ctx.saved_tensors
-            if _lib.has_op("fake_quantize_backward"):
-                grad_y = _backend.kernel_op("fake_quantize_backward", which)(grad_y, mask)
-            else:
-                grad_y = _ste_backward_reference(grad_y, mask)
+            grad_y = op(grad_y, mask)
         return grad_y, None, None, None, None, None, None
     return backward
 
