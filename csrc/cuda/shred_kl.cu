@@ -256,7 +256,7 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
   if (N == 0 || t.K == 0) return t;
   // one sync per call: out-of-range ids must fail here, not read out of bounds in the kernels
   at::Tensor bad = at::full({3}, N, t.ids.options());
-  const float tol = target_probs.scalar_type() == at::kBFloat16 ? 7.8125e-3f : 1e-3f;
+  const float tol = shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16);
   const int grid = static_cast<int>(std::min<int64_t>((N + kThreads - 1) / kThreads, 4096));
   check_targets_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream().stream()>>>(
       t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V, tol,

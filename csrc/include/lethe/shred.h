@@ -11,6 +11,10 @@ namespace shred {
 
 constexpr int64_t kIgnoreIndex = -100;
 
+// How far a row of target probabilities may sum from 1: 1e-3, or bfloat16's epsilon (as
+// target_sum_tol in shred_reference.py).
+inline float target_sum_tol(bool bfloat16) { return bfloat16 ? 7.8125e-3f : 1e-3f; }
+
 // One term of KL(q || p) with log p = zk - lse; 0 where q == 0 (0 log 0 = 0).
 LETHE_HD float kl_term(float q, float zk, float lse) {
   return q > 0.0f ? q * logf(q) - q * (zk - lse) : 0.0f;

@@ -22,6 +22,39 @@ import torch
 IGNORE_INDEX = -100
 
 
+def target_sum_tol(dtype) -> float:
+    """How far a row of target probabilities may sum from 1: 1e-3, or bfloat16's epsilon."""
+    return 7.8125e-3 if dtype == torch.bfloat16 else 1e-3
+
+
+def check_target_values(target_ids, target_probs, V):
+    """The value checks every backend makes on targets [N, K]: ids in [0, V), probabilities >= 0
+    (not NaN), rows summing to 1 within target_sum_tol or all zero. One host sync; the details of
+    a failure are only gathered then."""
+    if target_ids.numel() == 0:
+        return
+    bad_id = ((target_ids < 0) | (target_ids >= V)).any(1)
+    q = target_probs.float()
+    neg = ~(q >= 0)  # NaN included
+    bad_neg = neg.any(1)
+    tol = target_sum_tol(target_probs.dtype)
+    s = q.sum(1, dtype=torch.float64)
+    bad_sum = ~bad_neg & (s != 0) & ~((s - 1).abs() <= tol)
+    any_id, any_neg, any_sum = torch.stack([bad_id.any(), bad_neg.any(), bad_sum.any()]).tolist()
+    if any_id:
+        r = int(bad_id.nonzero()[0, 0])
+        row = target_ids[r]
+        val = int(row[(row < 0) | (row >= V)][0])
+        raise ValueError(f"target_ids must be in [0, V) = [0, {V}), got {val} in row {r}")
+    if any_neg:
+        r = int(bad_neg.nonzero()[0, 0])
+        raise ValueError(f"target_probs must be non-negative, got {float(q[r][neg[r]][0])} in row {r}")
+    if any_sum:
+        r = int(bad_sum.nonzero()[0, 0])
+        raise ValueError(f"target_probs rows must sum to 1 (within {tol}) or be all zero, "
+                         f"row {r} sums to {float(s[r])}")
+
+
 def _logits(hidden, weight, bias):
     z = hidden.float() @ weight.float().t()
     return z + bias.float() if bias is not None else z
