@@ -381,3 +381,16 @@ def test_fused_mixed_dtypes():
     _check_grad(gb, ref[3], torch.float16)
     _, gh, gw, gb = OPS.fused_linear_topk_kl(hidden, weight, None, ids, q, None, None, True, 3)
     assert gh.dtype == gw.dtype == gb.dtype == torch.bfloat16  # empties: hidden's dtype
+
+
+def test_topk_kl_infinite_logits_follow_torch_logsumexp():
+    # a +inf logit makes the log-normaliser +inf (torch.logsumexp), not NaN; an all -inf row -inf
+    z = torch.randn(3, 20)
+    z[0, 4] = float("inf")
+    z[2] = float("-inf")
+    ids = torch.tensor([[1, 4], [0, 3], [5, 6]])
+    q = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.3, 0.7]])
+    loss, lse = OPS.topk_kl(z, ids, q, None, True)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    ref = topk_kl_reference(z, ids, q, reduction="none")
+    torch.testing.assert_close(loss, ref, equal_nan=True)

@@ -332,3 +332,17 @@ def test_opcheck_triton_shred_ops():
     z = (hidden @ weight.t()).detach().requires_grad_(True)
     torch.library.opcheck(ops.topk_kl_triton.default, (z, ids, q, rw, True))
     torch.library.opcheck(ops.fused_linear_topk_kl_triton.default, (hidden, weight, None, ids, q, rw, None, False, 2))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf
+def test_topk_kl_infinite_logits_follow_torch_logsumexp(monkeypatch):
+    # a +inf logit makes the log-normaliser +inf (torch.logsumexp), not NaN; an all -inf row -inf
+    monkeypatch.setattr(ts, "BLOCK_V_MAX", 16)
+    z = torch.randn(3, 20)
+    z[0, 4] = float("inf")
+    z[2] = float("-inf")
+    ids = torch.tensor([[1, 4], [0, 3], [5, 6]])
+    q = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.3, 0.7]])
+    loss, lse = ts.topk_kl(z.to(DEVICE), ids.to(DEVICE), q.to(DEVICE), None, True)
+    torch.testing.assert_close(lse.cpu(), torch.logsumexp(z, -1))
+    torch.testing.assert_close(loss.cpu(), topk_kl_reference(z, ids, q, reduction="none"), equal_nan=True)

@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "lethe/checks.h"
@@ -37,18 +36,16 @@
 namespace lethe {
 namespace {
 
-// out = a * exp(z (+ b) - shift); acc += out when kAcc. out may alias z.
-template <bool kBias, bool kAcc>
+// out = a * exp(z (+ b) - shift). out may alias z.
+template <bool kBias>
 LETHE_INLINE void exp_write_impl(float* out, const float* z, const float* b, int64_t V,
-                                 float shift, float a, float* acc) {
+                                 float shift, float a) {
   const F16v sh = splat(shift), av = splat(a);
   const int64_t nv = V / kLanes * kLanes;
   for (int64_t i = 0; i < nv; i += kLanes) {
     F16v x = loadu(z + i);
     if constexpr (kBias) x += loadu(b + i);
-    const F16v y = av * vexp(x - sh);
-    storeu(out + i, y);
-    if constexpr (kAcc) storeu(acc + i, loadu(acc + i) + y);
+    storeu(out + i, av * vexp(x - sh));
   }
   if (nv < V) {
     const int64_t n = V - nv;
@@ -56,36 +53,21 @@ LETHE_INLINE void exp_write_impl(float* out, const float* z, const float* b, int
     if constexpr (kBias) x += load_part(b + nv, n, 0.0f);
     const F16v y = av * vexp(x - sh);
     for (int64_t i = 0; i < n; ++i) out[nv + i] = y[i];
-    if constexpr (kAcc)
-      for (int64_t i = 0; i < n; ++i) acc[nv + i] += y[i];
   }
 }
 
-// Entry points, one clone per vector ISA (row_max_sumexp: vec.h).
+// Entry point, one clone per vector ISA (row_max_sumexp, row_lse: vec.h).
 LETHE_CLONES void row_exp_write(float* out, const float* z, const float* b, int64_t V, float shift,
-                                float a, float* acc) {
-  if (b) {
-    if (acc)
-      exp_write_impl<true, true>(out, z, b, V, shift, a, acc);
-    else
-      exp_write_impl<true, false>(out, z, b, V, shift, a, acc);
-  } else {
-    if (acc)
-      exp_write_impl<false, true>(out, z, b, V, shift, a, acc);
-    else
-      exp_write_impl<false, false>(out, z, b, V, shift, a, acc);
-  }
-}
-
-LETHE_CLONES void add_rows(float* acc, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
+                                float a) {
+  if (b)
+    exp_write_impl<true>(out, z, b, V, shift, a);
+  else
+    exp_write_impl<false>(out, z, b, V, shift, a);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Scalar per-row pieces
 // ---------------------------------------------------------------------------------------------
-
-inline float lse_from(float m, float s) { return m == -kInf ? -kInf : m + std::log(s); }
 
 inline float lse_small(const float* zk, int64_t K) {
   float m = -kInf;
@@ -199,8 +181,6 @@ void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t
   }
 }
 
-// Row-sum tolerance: 1e-3, or the dtype's epsilon for bfloat16 probabilities.
-float sum_tol(at::ScalarType t) { return t == at::kBFloat16 ? 7.8125e-3f : 1e-3f; }
 
 at::Tensor to_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
@@ -221,7 +201,7 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
   t.q = to_f32(target_probs);
   if (row_weight.has_value()) t.w = to_f32(*row_weight);
   check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
-                       sum_tol(target_probs.scalar_type()));
+                       shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16));
   return t;
 }
 
@@ -248,9 +228,7 @@ void topk_kl_rows(const scalar_t* z, const int64_t* ids, const float* q, const f
       for (int64_t k = 0; k < K; ++k) zk[k] = static_cast<float>(zr[ir[k]]);
       float l;
       if (full) {
-        float m, s;
-        row_max_sumexp(f32_view(zr, V, buf), nullptr, V, &m, &s);
-        l = lse_from(m, s);
+        l = row_lse(f32_view(zr, V, buf), nullptr, V);
       } else {
         l = lse_small(zk.data(), K);
       }
@@ -311,7 +289,7 @@ void topk_kl_backward_rows(const float* g, const scalar_t* z, const int64_t* ids
           o = buf.data();
         }
         if (a != 0.0f) {
-          row_exp_write(o, f32_view(zr, V, buf), nullptr, V, lse[r], a, nullptr);
+          row_exp_write(o, f32_view(zr, V, buf), nullptr, V, lse[r], a);
         } else {
           std::memset(o, 0, sizeof(float) * V);
         }
@@ -360,82 +338,38 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
 // fused_linear_topk_kl
 // ---------------------------------------------------------------------------------------------
 
-// Per-thread fp32 accumulators of the bias gradient (column sums of the gradient rows).
-struct ColSums {
-  int64_t V = 0, T = 0;
-  std::vector<float> part;   // [T, V]
-  std::vector<float> extra;  // [V], for threads without a slot, under mu
-  std::mutex mu;
-  void init(int64_t v) {
-    V = v;
-    T = std::max(1, at::get_num_threads());
-    part.assign(T * V, 0.0f);
-    extra.assign(V, 0.0f);
-  }
-  // the calling thread's row, or nullptr when it has none (then rows go to extra under mu)
-  float* mine() {
-    const int t = at::get_thread_num();
-    return t >= 0 && t < T ? part.data() + t * V : nullptr;
-  }
-};
-
 // One chunk of rows: z [c, V] fp32 logits without bias -> loss; with grads, z becomes the
 // gradient rows (incl. row_weight * grad_row_scale) in place.
 void fused_rows(float* z, const float* b, const int64_t* ids, const float* q, const float* w,
-                const float* srs, int64_t c, int64_t V, int64_t K, bool full, float* loss,
-                ColSums* cs) {
+                const float* srs, int64_t c, int64_t V, int64_t K, bool full, float* loss) {
   at::parallel_for(0, c, row_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<float> zk(K);
-    float* acc = cs ? cs->mine() : nullptr;
     for (int64_t r = r0; r < r1; ++r) {
       float* zr = z + r * V;
       const int64_t* ir = ids + r * K;
       const float* qr = q + r * K;
       const float sq = sum_of(qr, K);
-      const float coef = srs ? (w ? srs[r] * w[r] : srs[r]) : 0.0f;
       if (sq == 0.0f) {  // no target: no loss, no gradient
         loss[r] = 0.0f;
         if (srs) std::memset(zr, 0, sizeof(float) * V);
         continue;
       }
       for (int64_t k = 0; k < K; ++k) zk[k] = b ? zr[ir[k]] + b[ir[k]] : zr[ir[k]];
-      float l;
-      if (full) {
-        float m, s;
-        row_max_sumexp(zr, b, V, &m, &s);
-        l = lse_from(m, s);
-      } else {
-        l = lse_small(zk.data(), K);
-      }
+      const float l = full ? row_lse(zr, b, V) : lse_small(zk.data(), K);
       const float kl = kl_row(zk.data(), qr, K, l);
       loss[r] = w ? w[r] * kl : kl;
       if (!srs) continue;
+      const float coef = w ? srs[r] * w[r] : srs[r];
       const float a = coef * sq;
-      float* rowacc = acc;  // nullptr without a per-thread slot: the row is added below
       if (full && a != 0.0f) {
-        row_exp_write(zr, zr, b, V, l, a, rowacc);
-        for (int64_t k = 0; k < K; ++k) {
-          zr[ir[k]] -= coef * qr[k];
-          if (rowacc) rowacc[ir[k]] -= coef * qr[k];
-        }
-      } else if (full) {  // a == 0: only the (zero-weighted) scatter remains
-        std::memset(zr, 0, sizeof(float) * V);
-        for (int64_t k = 0; k < K; ++k) {
-          zr[ir[k]] -= coef * qr[k];
-          if (rowacc) rowacc[ir[k]] -= coef * qr[k];
-        }
+        row_exp_write(zr, zr, b, V, l, a);  // the softmax part, over the whole row
       } else {
+        // with the top-K normaliser the softmax part lives on the target ids only
+        if (!full)
+          for (int64_t k = 0; k < K; ++k) zk[k] = a * std::exp(zk[k] - l);
         std::memset(zr, 0, sizeof(float) * V);
-        for (int64_t k = 0; k < K; ++k) {
-          const float gk = a * std::exp(zk[k] - l) - coef * qr[k];
-          zr[ir[k]] += gk;
-          if (rowacc) rowacc[ir[k]] += gk;
-        }
       }
-      if (cs && !acc) {
-        std::lock_guard<std::mutex> guard(cs->mu);
-        add_rows(cs->extra.data(), zr, V);
-      }
+      for (int64_t k = 0; k < K; ++k) zr[ir[k]] += (full ? 0.0f : zk[k]) - coef * qr[k];
     }
   });
 }
@@ -490,14 +424,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
 
   const int64_t C = std::min(chunk_size, N);
   at::Tensor zbuf = cached_empty({C, V}, at::kFloat);
-  at::Tensor gh, gW, gW32, gh32buf;
-  ColSums cs;
+  at::Tensor gh, gW32, gb32, gh32buf;
   if (grads) {
     gh = cached_empty({N, H}, hidden.scalar_type());
-    gW = w32 ? cached_empty({V, H}, at::kFloat) : at::Tensor();
-    gW32 = w32 ? gW : cached_empty({V, H}, at::kFloat);
+    gW32 = cached_empty({V, H}, at::kFloat);  // the output itself for an fp32 weight
     if (!h32) gh32buf = cached_empty({C, H}, at::kFloat);
-    if (bias.has_value()) cs.init(V);
+    if (bias.has_value()) gb32 = at::zeros({V}, at::TensorOptions().dtype(at::kFloat));
   }
 
   const int64_t* ids = t.ids.const_data_ptr<int64_t>();
@@ -514,8 +446,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     at::mm_out(z, hc, W.t());
     fused_rows(z.mutable_data_ptr<float>(), bp, ids + s * K, q + s * K, w ? w + s : nullptr,
                grads ? srs.const_data_ptr<float>() + s : nullptr, c, V, K, full_normalize,
-               lossp + s, grads && bias.has_value() ? &cs : nullptr);
+               lossp + s);
     if (!grads) continue;
+    if (gb32.defined()) gb32.add_(z.sum(0));
     if (h32) {
       at::Tensor ghc = gh.narrow(0, s, c);
       at::mm_out(ghc, z, W);
@@ -531,17 +464,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
   }
 
   if (!grads) return empties();
-  if (!w32) gW = gW32.to(weight.scalar_type());
-  at::Tensor gb;
-  if (bias.has_value()) {
-    at::Tensor gb32 = at::empty({V}, at::TensorOptions().dtype(at::kFloat));
-    float* o = gb32.mutable_data_ptr<float>();
-    std::memcpy(o, cs.extra.data(), sizeof(float) * V);
-    for (int64_t i = 0; i < cs.T; ++i) add_rows(o, cs.part.data() + i * V, V);
-    gb = gb_dtype == at::kFloat ? gb32 : gb32.to(gb_dtype);
-  } else {
-    gb = at::empty({0}, at::TensorOptions().dtype(gb_dtype));
-  }
+  const at::Tensor gW = w32 ? gW32 : gW32.to(weight.scalar_type());
+  const at::Tensor gb = !bias.has_value()      ? at::empty({0}, at::TensorOptions().dtype(gb_dtype))
+                        : gb_dtype == at::kFloat ? gb32
+                                                 : gb32.to(gb_dtype);
   return {loss, gh, gW, gb};
 }
 

@@ -85,34 +85,6 @@ void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
 }
 
-// log-sum-exp of a row as torch.logsumexp: max-subtracted, an infinite max replaced by 0, NaN
-// propagates. The exact scalar pass (double accumulator); used only for rows whose max is not
-// finite, which the vector pass does not cover.
-float lse_scalar(const float* z, int64_t V) {
-  float m = -std::numeric_limits<float>::infinity();
-  bool nan = false;
-  for (int64_t i = 0; i < V; ++i) {
-    const float v = z[i];
-    nan |= std::isnan(v);
-    m = v > m ? v : m;
-  }
-  if (nan) return std::numeric_limits<float>::quiet_NaN();
-  if (std::isinf(m)) m = 0.0f;
-  double s = 0.0;
-  for (int64_t i = 0; i < V; ++i) s += static_cast<double>(std::exp(z[i] - m));
-  return std::log(static_cast<float>(s)) + m;
-}
-
-// Row log-sum-exp: the vector max / sum-exp pass (fp32 accumulation, as the KL kernels); a NaN
-// anywhere reaches the sum through vexp. Rows with an infinite max (or only -inf, where the
-// online pass skips NaN blocks) go to the scalar pass.
-inline float row_lse(const float* z, int64_t V) {
-  float m, s;
-  row_max_sumexp(z, nullptr, V, &m, &s);
-  if (!std::isfinite(m)) return lse_scalar(z, V);
-  return m + std::log(s);
-}
-
 inline bool entry_better(const Entry& a, const Entry& b) {
   return desc_before(a.v, a.id, b.v, b.id);
 }
@@ -161,7 +133,7 @@ LETHE_CLONES void row_topk(const float* z, int64_t V, int64_t K, Entry* heap) {
 // One row of logits z[0..V): top-K (value desc, id asc) into ids/lp and the log-sum-exp.
 void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vector<Entry>& heap,
                  int64_t* ids, float* lp, float* label_lp) {
-  const float lse = row_lse(z, V);
+  const float lse = row_lse(z, nullptr, V);
   heap.resize(K);
   row_topk(z, V, K, heap.data());
   std::sort_heap(heap.begin(), heap.end(), entry_better);  // best first

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -143,6 +144,22 @@ LETHE_CLONES void row_max_sumexp(const float* z, const float* b, int64_t V, floa
     max_sumexp_impl<true>(z, b, V, m, s);
   else
     max_sumexp_impl<false>(z, b, V, m, s);
+}
+
+// log-sum-exp of z (+ b) as torch.logsumexp: a NaN anywhere gives NaN, a +inf max gives +inf, an
+// all -inf row gives -inf. Rows with a finite max take the vector pass; the rest (rare) need only
+// the max and whether a NaN occurs.
+inline float row_lse(const float* z, const float* b, int64_t V) {
+  float m, s;
+  row_max_sumexp(z, b, V, &m, &s);
+  if (std::isfinite(m)) return m + std::log(s);
+  float mx = -kInf;
+  for (int64_t i = 0; i < V; ++i) {
+    const float x = b ? z[i] + b[i] : z[i];
+    if (std::isnan(x)) return std::numeric_limits<float>::quiet_NaN();
+    mx = x > mx ? x : mx;
+  }
+  return mx;
 }
 
 }  // namespace
