@@ -6,6 +6,8 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cublas_v2.h>
 
@@ -29,6 +31,13 @@ inline void gemm_f32out(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float
                         const void* A, int64_t lda, const void* B, int64_t ldb, at::ScalarType dtype,
                         float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty product (H = 0): C = beta * C, which cuBLAS would reject (ld 0)
+    TORCH_CHECK(beta == 0.0f || beta == 1.0f, "lethe gemm: an empty product needs beta 0 or 1");
+    if (beta == 0.0f)
+      C10_CUDA_CHECK(cudaMemset2DAsync(C, ldc * sizeof(float), 0, N * sizeof(float), M,
+                                       c10::cuda::getCurrentCUDAStream().stream()));
+    return;
+  }
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
               "lethe gemm: a dimension exceeds the 32-bit limit of cuBLAS (M=", M, ", N=", N,

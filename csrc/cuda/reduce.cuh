@@ -10,19 +10,20 @@ namespace cuda {
 
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>  // float, or int64_t for exact counts
+__device__ __forceinline__ T warp_sum(T v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
   return v;
 }
 
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float sh[32];
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T sh[32];
   v = warp_sum(v);
   const int w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  __syncthreads();  // sh may still be read by a previous call
   if ((threadIdx.x & 31) == 0) sh[w] = v;
   __syncthreads();
-  float r = 0.0f;
+  T r = 0;
   for (int i = 0; i < nw; ++i) r += sh[i];
   __syncthreads();
   return r;
@@ -68,7 +69,6 @@ __device__ __forceinline__ MaxSum block_maxsum(MaxSum v) {
     v = ms_merge(v, u);
   }
   const int w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  __syncthreads();
   if ((threadIdx.x & 31) == 0) {
     shm[w] = v.m;
     shs[w] = v.s;

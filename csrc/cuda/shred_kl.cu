@@ -213,14 +213,10 @@ __global__ void check_targets_kernel(const int64_t* __restrict__ ids, const floa
   }
 }
 
-void check_dev(const at::Tensor& t, const char* name, const at::Device& dev, const char* ref) {
-  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, " (", ref, "'s device), got ", t.device());
-}
-
 void check_vec(const std::optional<at::Tensor>& t, const char* name, int64_t N, const at::Device& dev,
                const char* ref) {
   if (!t.has_value()) return;
-  check_dev(*t, name, dev, ref);
+  check_same_device(*t, name, dev, ref);
   check_float_input(*t, name);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == N, name, " must have shape [N] = [", N, "], got ",
               t->sizes());
@@ -236,8 +232,8 @@ struct Targets {
 Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_probs,
                         const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V,
                         const at::Device& dev, const char* ref) {
-  check_dev(target_ids, "target_ids", dev, ref);
-  check_dev(target_probs, "target_probs", dev, ref);
+  check_same_device(target_ids, "target_ids", dev, ref);
+  check_same_device(target_probs, "target_probs", dev, ref);
   TORCH_CHECK(target_ids.scalar_type() == at::kLong, "target_ids must be int64, got ",
               target_ids.scalar_type());
   TORCH_CHECK(target_ids.dim() == 2 && target_ids.size(0) == N,
@@ -348,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     bool full_normalize, int64_t chunk_size) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
-  check_dev(weight, "weight", dev, "hidden");
+  check_same_device(weight, "weight", dev, "hidden");
   check_float_input(hidden, "hidden");
   check_float_input(weight, "weight");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got ", hidden.dim(), "-D");
@@ -358,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
               " (hidden's last dimension), got ", weight.sizes());
   TORCH_CHECK(V >= 1, "weight must have at least one row (V >= 1)");
   if (bias.has_value()) {
-    check_dev(*bias, "bias", dev, "hidden");
+    check_same_device(*bias, "bias", dev, "hidden");
     check_float_input(*bias, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V, "], got ",
                 bias->sizes());
@@ -397,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     if (!f32) glow = at::empty({C, V}, opt.dtype(gt));  // G rounded for the gradient GEMMs
     gh = at::empty({N, H}, opt);
     if (hidden.scalar_type() != at::kFloat) gh32 = at::empty({C, H}, opt.dtype(at::kFloat));
-    gW32 = at::zeros({V, H}, opt.dtype(at::kFloat));
+    gW32 = at::empty({V, H}, opt.dtype(at::kFloat));  // the first chunk overwrites it (beta 0)
     if (bias.has_value()) gb32 = at::zeros({V}, opt.dtype(at::kFloat));
     if (!full_normalize) gk = at::empty({C, t.K}, opt.dtype(at::kFloat));
   }
@@ -427,7 +423,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
                                : gh.mutable_data_ptr<float>() + s * H;
     cuda::gemm_f32out(false, false, c, H, V, 1.0f, G, V, W.const_data_ptr(), H, gt, 0.0f, dh, H);
     if (gh32.defined()) gh.narrow(0, s, c).copy_(gh32.narrow(0, 0, c));
-    cuda::gemm_f32out(true, false, V, H, c, 1.0f, G, V, hc, H, gt, 1.0f, gW32.mutable_data_ptr<float>(), H);
+    cuda::gemm_f32out(true, false, V, H, c, 1.0f, G, V, hc, H, gt, s == 0 ? 0.0f : 1.0f,
+                      gW32.mutable_data_ptr<float>(), H);
   }
   if (!grads) return empties();
   at::Tensor gW = weight.scalar_type() == at::kFloat ? gW32 : gW32.to(weight.scalar_type());

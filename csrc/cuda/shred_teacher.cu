@@ -104,42 +104,52 @@ __global__ void teacher_rows_kernel(const float* __restrict__ z, int64_t V,
   const int64_t* cr = cand + r * K;
   uint64_t* s = scratch ? scratch + r * P : sh;
 
-  cuda::MaxSum acc = cuda::ms_init();
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) cuda::ms_add(acc, zr[i]);
-  const float lse = cuda::ms_lse(cuda::block_maxsum(acc));
-
   // the K-th largest key is the smallest candidate key
   uint32_t kmin = 0xffffffffu;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) kmin = min(kmin, float_key(zr[cr[k]]));
   for (int o = 16; o > 0; o >>= 1) kmin = min(kmin, __shfl_xor_sync(cuda::kFull, kmin, o));
   __shared__ uint32_t wmin[32];
-  if (threadIdx.x == 0) count_gt = 0;
+  __shared__ int count_tied;
+  if (threadIdx.x == 0) count_gt = count_tied = 0;
   if ((threadIdx.x & 31) == 0) wmin[threadIdx.x >> 5] = kmin;
   __syncthreads();
   uint32_t tk = 0xffffffffu;
   for (int i = 0; i < (int)(blockDim.x >> 5); ++i) tk = min(tk, wmin[i]);
 
-  // slots [0, gt): candidates above tk (any order); then the lowest ids equal to tk
+  // one pass over the row: log-sum-exp, and how many entries tie with the K-th value
+  cuda::MaxSum acc = cuda::ms_init();
+  int64_t tied = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    const float x = zr[i];
+    cuda::ms_add(acc, x);
+    tied += float_key(x) == tk;
+  }
+  const float lse = cuda::ms_lse(cuda::block_maxsum(acc));
+  const int64_t row_tied = cuda::block_sum(tied);
+
+  // slots [0, gt): candidates above tk; [gt, K): the candidates equal to tk
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     const int64_t id = cr[k];
     const uint32_t key = float_key(zr[id]);
-    if (key > tk) {
-      const int slot = atomicAdd(&count_gt, 1);
-      s[slot] = (static_cast<uint64_t>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(id));
-    }
+    const int slot = key > tk ? atomicAdd(&count_gt, 1) : static_cast<int>(K) - 1 - atomicAdd(&count_tied, 1);
+    s[slot] = (static_cast<uint64_t>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(id));
   }
   __syncthreads();
   const int64_t gt = count_gt;
   const int64_t need = K - gt;
-  int64_t taken = 0;
-  for (int64_t base = 0; base < V && taken < need; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const bool eq = i < V && float_key(zr[i]) == tk;
-    int64_t total;
-    const int64_t pos = taken + block_prefix_count(eq, &total);
-    if (eq && pos < need)
-      s[gt + pos] = (static_cast<uint64_t>(tk) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
-    taken += total;  // the same on every thread: the loop condition stays uniform
+  // more ties in the row than among the candidates: the tied slots take the lowest ids instead
+  // (an ordered scan, stopping once they are filled)
+  if (row_tied > need) {
+    int64_t taken = 0;
+    for (int64_t base = 0; base < V && taken < need; base += blockDim.x) {
+      const int64_t i = base + threadIdx.x;
+      const bool eq = i < V && float_key(zr[i]) == tk;
+      int64_t total;
+      const int64_t pos = taken + block_prefix_count(eq, &total);
+      if (eq && pos < need)
+        s[gt + pos] = (static_cast<uint64_t>(tk) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+      taken += total;  // the same on every thread: the loop condition stays uniform
+    }
   }
   for (int64_t k = K + threadIdx.x; k < P; k += blockDim.x) s[k] = 0;  // padding sorts last
   bitonic_desc(s, P);
@@ -165,10 +175,6 @@ __global__ void check_labels_kernel(const int64_t* __restrict__ labels, int64_t 
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, " (hidden's device), got ", t.device());
-}
-
 int grid_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
 }
@@ -180,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
   check_float_input(hidden, "hidden");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
-  check_cuda(weight, "weight", dev);
+  check_same_device(weight, "weight", dev, "hidden");
   check_float_input(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
               "weight must have shape [V, H] with H = ", hidden.size(1), ", got ", weight.sizes());
@@ -189,12 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
   TORCH_CHECK(V < (int64_t(1) << 32) - 1, "weight has too many rows for the CUDA kernel: ", V);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    check_cuda(*bias, "bias", dev);
+    check_same_device(*bias, "bias", dev, "hidden");
     check_float_input(*bias, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V,
                 "], got ", bias->sizes());
   }
-  check_cuda(labels, "labels", dev);
+  check_same_device(labels, "labels", dev, "hidden");
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, "labels must have shape [N] = [", N,
               "], got ", labels.sizes());
@@ -290,7 +296,7 @@ __global__ void select_kernel(const scalar_t* __restrict__ vals, const int64_t* 
     s[t] = ~key;
   }
   for (int64_t t = T + threadIdx.x; t < P; t += blockDim.x) s[t] = 0;  // ~all-ones: last
-  const int64_t n = static_cast<int64_t>(cuda::block_sum(static_cast<float>(eligible)) + 0.5f);
+  const int64_t n = cuda::block_sum(eligible);
   const int64_t m = shred::forget_count(fraction, n);
   bitonic_desc(s, P);
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) out[b * T + (~s[j] & 0xffffffffu)] = true;
@@ -303,15 +309,15 @@ at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const a
   check_float_input(label_logprob, "label_logprob");
   TORCH_CHECK(label_logprob.dim() == 2, "label_logprob must be 2-D [B, T], got shape ",
               label_logprob.sizes());
-  TORCH_CHECK(labels.device() == dev, "labels must be on ", dev, " (label_logprob's device), got ",
-              labels.device());
+  check_same_device(labels, "labels", dev, "label_logprob");
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(labels.sizes() == label_logprob.sizes(), "labels must have the shape of label_logprob ",
               label_logprob.sizes(), ", got ", labels.sizes());
   TORCH_CHECK(fraction >= 0.0 && fraction <= 1.0, "fraction must be in [0, 1], got ", fraction);
   TORCH_CHECK(skip >= 0, "skip must be >= 0, got ", skip);
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
-  TORCH_CHECK(T < (int64_t(1) << 24), "label_logprob has too many positions per row: ", T);
+  // positions are the low 32 bits of the sort keys
+  TORCH_CHECK(T < (int64_t(1) << 32), "label_logprob has too many positions per row: ", T);
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor out = at::zeros({B, T}, label_logprob.options().dtype(at::kBool));
   if (B == 0 || T == 0) return out;
@@ -337,14 +343,10 @@ at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const a
 template <typename scalar_t>
 __global__ void demote_kernel(const int64_t* __restrict__ ids, const scalar_t* __restrict__ lps,
                               const int64_t* __restrict__ labels, const bool* __restrict__ forget,
-                              int64_t N, int64_t K, bool nucleus, float top_p, float* __restrict__ lp32,
-                              float* __restrict__ q) {
+                              int64_t N, int64_t K, bool nucleus, float top_p, float* __restrict__ q) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < N;
-       r += (int64_t)gridDim.x * blockDim.x) {
-    float* lr = lp32 + r * K;
-    for (int64_t j = 0; j < K; ++j) lr[j] = static_cast<float>(lps[r * K + j]);
-    shred::demote_row(ids + r * K, lr, K, labels[r], forget[r], nucleus, top_p, q + r * K);
-  }
+       r += (int64_t)gridDim.x * blockDim.x)
+    shred::demote_row(ids + r * K, lps + r * K, K, labels[r], forget[r], nucleus, top_p, q + r * K);
 }
 
 at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
@@ -354,12 +356,9 @@ at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& top
   TORCH_CHECK(topk_ids.is_cuda(), "topk_ids must be a CUDA tensor for the CUDA kernel, got ", dev);
   TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "topk_ids must be int64, got ", topk_ids.scalar_type());
   TORCH_CHECK(topk_ids.dim() == 2, "topk_ids must be 2-D [N, K], got shape ", topk_ids.sizes());
-  auto same_dev = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == dev, name, " must be on ", dev, " (topk_ids' device), got ", t.device());
-  };
-  same_dev(topk_logprobs, "topk_logprobs");
-  same_dev(labels, "labels");
-  same_dev(forget_mask, "forget_mask");
+  check_same_device(topk_logprobs, "topk_logprobs", dev, "topk_ids");
+  check_same_device(labels, "labels", dev, "topk_ids");
+  check_same_device(forget_mask, "forget_mask", dev, "topk_ids");
   check_float_input(topk_logprobs, "topk_logprobs");
   TORCH_CHECK(topk_logprobs.sizes() == topk_ids.sizes(), "topk_logprobs must have the shape of topk_ids ",
               topk_ids.sizes(), ", got ", topk_logprobs.sizes());
@@ -378,13 +377,12 @@ at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& top
   if (N == 0 || K == 0) return q;
   const at::Tensor ids = topk_ids.contiguous(), lps = topk_logprobs.contiguous();
   const at::Tensor lab = labels.contiguous(), fm = forget_mask.contiguous();
-  at::Tensor lp32 = at::empty({N, K}, q.options());  // fp32 row for the shared row function
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   LETHE_DISPATCH_FLOATS(lps.scalar_type(), "demote_targets_cuda", [&] {
     demote_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
         ids.const_data_ptr<int64_t>(), lps.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
         fm.const_data_ptr<bool>(), N, K, variant == 1, static_cast<float>(top_p),
-        lp32.mutable_data_ptr<float>(), q.mutable_data_ptr<float>());
+        q.mutable_data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q;

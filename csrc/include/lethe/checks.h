@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 // Dispatch over the three accepted float dtypes only (no double instantiations).
 #define LETHE_DISPATCH_FLOATS(TYPE, NAME, ...)                   \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
@@ -12,6 +14,13 @@
                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace lethe {
+
+// t must be on dev, the device of the argument named ref.
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Device& dev,
+                              const char* ref) {
+  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, " (", ref, "'s device), got ",
+              t.device());
+}
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||

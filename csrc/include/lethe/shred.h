@@ -30,12 +30,14 @@ LETHE_HD int64_t forget_count(double fraction, int64_t n) {
 // One row of demote_targets: q over the K teacher entries (ids, log-probs lp). At a forget
 // position the label's entry (and, with nucleus, every entry whose preceding cumulative
 // probability is below top_p) is zeroed; the rest are renormalised, and a row with nothing left
-// is all zeros. Cumulative and total sums in double, as torch.cumsum / sum on the CPU.
-LETHE_HD void demote_row(const int64_t* ids, const float* lp, int64_t K, int64_t label,
+// is all zeros. Cumulative and total sums in double, as torch.cumsum / sum on the CPU. lp may be
+// fp32, fp16 or bf16 (each log-prob is read as fp32).
+template <typename lp_t>
+LETHE_HD void demote_row(const int64_t* ids, const lp_t* lp, int64_t K, int64_t label,
                          bool forget, bool nucleus, float top_p, float* q) {
   double cum = 0.0, s = 0.0;
   for (int64_t j = 0; j < K; ++j) {
-    const float p = expf(lp[j]);
+    const float p = expf(static_cast<float>(lp[j]));
     cum += static_cast<double>(p);
     bool demote = false;
     if (forget) {
