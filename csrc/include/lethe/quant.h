@@ -71,15 +71,6 @@ LETHE_HD float rne(float v) {
 #endif
 }
 
-// A product that the compiler must not fuse into an FMA with a following add.
-LETHE_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;  // host code is built with -ffp-contract=off
-#endif
-}
-
 LETHE_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 LETHE_HD Params make_params(Stats s, int64_t bits, int64_t codebook, bool symmetric,
@@ -100,7 +91,7 @@ LETHE_HD Params make_params(Stats s, int64_t bits, int64_t codebook, bool symmet
   } else {
     p.qmin = 0.0f;
     p.qmax = static_cast<float>((int64_t(1) << bits) - 1);
-    p.scale = (mul_rn(s.hi, 0.5f) - mul_rn(s.lo, 0.5f)) / (p.qmax * 0.5f);
+    p.scale = (s.hi * 0.5f - s.lo * 0.5f) / (p.qmax * 0.5f);  // no FMA: see setup.py
   }
   p.inv = p.scale >= kMinScale ? 1.0f / p.scale : 0.0f;
   if (codebook != kNF4 && !symmetric) {
