@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS_STAMP := $(VENV)/.deps2-$(subst =,-,$(TORCH_SPEC))
-BUILD_STAMP := build/.built
+# one stamp per build setting, so that changing LETHE_BUILD_CUDA, the archs or LETHE_DEBUG rebuilds
+BUILD_STAMP = build/.built-cuda$(LETHE_BUILD_CUDA)-$(subst ;,_,$(TORCH_CUDA_ARCH_LIST))-debug$(LETHE_DEBUG)
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 
@@ -31,6 +32,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PY) -m pip install -v --no-build-isolation -e . 2>&1 | tee build/build.log \
 	  | grep --line-buffered -E "lethe build:|\[[0-9]+/[0-9]+\] |error" | cut -c1-160
 	$(PY) -c "import lethe._C"
+	rm -f build/.built-*
 	touch $@
 
 build: $(BUILD_STAMP)
