@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lethe.triton_kernels.shred_kl import _FLOATS, _check_float, _check_tensor  # noqa: F401 (shared checks)
+from lethe.triton_kernels.shred_kl import _check_device, _check_float, _check_tensor  # shared checks
 
 # Tunables, read at call time (tests lower them to exercise several tiles at small sizes).
 BLOCK_V_MAX = 4096  # teacher_topk: vocabulary tile (power of two)
@@ -52,7 +52,7 @@ BLOCK_K_MAX = 128  # teacher_topk: tile of the K selected entries, [BLOCK_K, BLO
 BLOCK_T_MAX = 128  # select_forget_positions: sequence tile (power of two); [BLOCK_T, BLOCK_T] pairs
 
 IGNORE_INDEX = -100
-
+IGNORE = tl.constexpr(IGNORE_INDEX)  # in kernels
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
 NAN = tl.constexpr(float("nan"))
@@ -136,7 +136,7 @@ def _teacher_select_kernel(z_ptr, cand_ptr, sel_ptr, lse_ptr, labels_ptr, llp_pt
         seen += tl.sum(eq.to(tl.int64), axis=0)
 
     label = tl.load(labels_ptr + r)
-    ignored = label == -100
+    ignored = label == IGNORE
     safe = tl.where(ignored, 0, label)
     zl = tl.load(zrow + safe)
     tl.store(llp_ptr + r, tl.where(ignored, 0.0, zl - lse))
@@ -174,8 +174,8 @@ def _teacher_order_kernel(z_ptr, sel_ptr, lse_ptr, ids_ptr, lp_ptr, row0, V, K,
 def _eligible(l_ptr, cols, T, carry, skip):
     """(eligible mask, valid count up to and including this tile) of one tile of positions."""
     cin = cols < T
-    lab = tl.load(l_ptr + cols, mask=cin, other=-100)
-    valid = cin & (lab != -100)
+    lab = tl.load(l_ptr + cols, mask=cin, other=IGNORE)
+    valid = cin & (lab != IGNORE)
     rank = tl.cumsum(valid.to(tl.int64), axis=0) + carry  # valid positions up to here
     return valid & (rank > skip), carry + tl.sum(valid.to(tl.int64), axis=0)
 
@@ -255,11 +255,6 @@ def _check_long(t, name):
     _check_tensor(t, name)
     if t.dtype != torch.int64:
         raise TypeError(f"{name} must be int64, got {t.dtype}")
-
-
-def _check_device(t, name, device):
-    if t.device != device:
-        raise ValueError(f"{name} must be on the device of the other inputs ({device}), got {t.device}")
 
 
 def _check_int(x, name):
