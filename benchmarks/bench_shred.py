@@ -9,10 +9,9 @@ the RSS after the inputs exist). Also: the teacher pass against logits + log_sof
 
     .venv/bin/python -m pytest -q -s -o python_files="bench_*.py" benchmarks/bench_shred.py
 """
-import json
 import os
-import resource
 import subprocess
+import time
 import sys
 
 import pytest
@@ -145,16 +144,14 @@ def test_teacher_pass(benchmark, inputs):
 
     benchmark.pedantic(eager_teacher, rounds=3, warmup_rounds=1, iterations=1)
     TIMES["teacher/eager"] = benchmark.stats.stats.median
-    t = benchmark.stats.stats.median
-    import time
-
-    best = float("inf")
+    # lethe's teacher pass timed the same way: one warm-up, the median of three
+    lethe.ops.teacher_topk(hidden, weight, labels, K)
+    runs = []
     for _ in range(3):
         s = time.perf_counter()
         lethe.ops.teacher_topk(hidden, weight, labels, K)
-        best = min(best, time.perf_counter() - s)
-    TIMES["teacher/lethe"] = best
-    assert t > 0
+        runs.append(time.perf_counter() - s)
+    TIMES["teacher/lethe"] = sorted(runs)[1]
 
 
 _PEAK_CODE = """

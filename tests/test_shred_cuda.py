@@ -13,7 +13,7 @@ from lethe import _lib
 from lethe.ops import _backend
 from lethe.ops.shred_reference import (fused_linear_topk_kl_reference, teacher_topk_reference,
                                        topk_kl_reference)
-from test_shred_kl import _targets  # the CPU tests' targets: random or repeated ids, zero rows
+from test_shred_kl import _targets, _tols  # the CPU tests' targets and tolerances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -46,11 +46,6 @@ def _close(actual, expected, rtol, atol, equal_nan=False):
     assert actual.device.type == "cuda"
     torch.testing.assert_close(actual.cpu().float(), expected.cpu().float(), rtol=rtol, atol=atol,
                                equal_nan=equal_nan)
-
-
-def _tols(dtype):  # as tests/test_shred_kl.py
-    return {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3),
-            torch.bfloat16: (2e-2, 1e-2)}[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
