@@ -41,6 +41,37 @@ DEDUP_TILE = 4096  # elements of the [BLOCK_K, BLOCK_J] id-equality tile (power 
 
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
+NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _row_lse(zrow, b_ptr, V, BLOCK_V: tl.constexpr, HAS_B: tl.constexpr):
+    """log-sum-exp of a row z (+ b) as torch.logsumexp: online max / sum-exp per lane over BLOCK_V
+    tiles, merged at the end; a NaN anywhere gives NaN, an infinite max gives itself, an all -inf
+    row -inf. Used by the loss kernel here and the teacher kernel in shred_teacher.py."""
+    m_vec = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    s_vec = tl.zeros([BLOCK_V], tl.float32)
+    nan_vec = tl.zeros([BLOCK_V], tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cin = cols < V
+        x = tl.load(zrow + cols, mask=cin, other=NEG_INF).to(tl.float32)
+        if HAS_B:
+            x = x + tl.load(b_ptr + cols, mask=cin, other=0.0)
+        xn = x != x
+        nan_vec = tl.maximum(nan_vec, xn.to(tl.int32))
+        x = tl.where(xn, NEG_INF, x)  # NaN is handled by the flag
+        m_new = tl.maximum(m_vec, x)
+        alive = (m_new > NEG_INF) & (m_new < POS_INF)  # an infinite max needs no sum
+        m_safe = tl.where(alive, m_new, 0.0)
+        s_vec = tl.where(alive, s_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe), 0.0)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    finite = (m > NEG_INF) & (m < POS_INF)
+    m_safe = tl.where(finite, m, 0.0)
+    s = tl.sum(tl.where(m_vec > NEG_INF, s_vec * tl.exp(m_vec - m_safe), 0.0), axis=0)
+    lse = tl.where(finite, m + tl.log(tl.where(finite, s, 1.0)), m)
+    return tl.where(tl.max(nan_vec, axis=0) > 0, NAN, lse)
 
 
 @triton.jit
@@ -72,24 +103,7 @@ def _kl_row_kernel(z_ptr, out_ptr, b_ptr, ids_ptr, q_ptr, w_ptr, g_ptr, lse_in_p
     if LSE_GIVEN:
         lse = tl.load(lse_in_ptr + r)
     elif FULL:
-        m_vec = tl.full([BLOCK_V], NEG_INF, tl.float32)
-        s_vec = tl.zeros([BLOCK_V], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            cin = cols < V
-            x = tl.load(zrow + cols, mask=cin, other=NEG_INF).to(tl.float32)
-            if HAS_B:
-                x = x + tl.load(b_ptr + cols, mask=cin, other=0.0)
-            m_new = tl.maximum(m_vec, x)
-            alive = (m_new > NEG_INF) & (m_new < POS_INF)  # an infinite max needs no sum
-            m_safe = tl.where(alive, m_new, 0.0)
-            s_vec = tl.where(alive, s_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe), 0.0)
-            m_vec = m_new
-        m = tl.max(m_vec, axis=0)
-        finite = (m > NEG_INF) & (m < POS_INF)
-        m_safe = tl.where(finite, m, 0.0)
-        s = tl.sum(tl.where(m_vec > NEG_INF, s_vec * tl.exp(m_vec - m_safe), 0.0), axis=0)
-        lse = tl.where(finite, m + tl.log(tl.where(finite, s, 1.0)), m)  # +-inf as torch.logsumexp
+        lse = _row_lse(zrow, b_ptr, V, BLOCK_V, HAS_B)
     else:
         zkm = tl.where(kin, zk, NEG_INF)
         m = tl.max(zkm, axis=0)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lethe.triton_kernels.shred_kl import _check_device, _check_float, _check_tensor  # shared checks
+from lethe.triton_kernels.shred_kl import NEG_INF, _check_device, _check_float, _check_tensor, _row_lse
 
 # Tunables, read at call time (tests lower them to exercise several tiles at small sizes).
 BLOCK_V_MAX = 4096  # teacher_topk: vocabulary tile (power of two)
@@ -53,9 +53,6 @@ BLOCK_T_MAX = 128  # select_forget_positions: sequence tile (power of two); [BLO
 
 IGNORE_INDEX = -100
 IGNORE = tl.constexpr(IGNORE_INDEX)  # in kernels
-NEG_INF = tl.constexpr(float("-inf"))
-POS_INF = tl.constexpr(float("inf"))
-NAN = tl.constexpr(float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,28 +78,7 @@ def _teacher_select_kernel(z_ptr, cand_ptr, sel_ptr, lse_ptr, labels_ptr, llp_pt
     lanes = tl.arange(0, BLOCK_V).to(tl.int64)
     klanes = tl.arange(0, BLOCK_K).to(tl.int64)
 
-    # log-sum-exp (online, per lane)
-    m_vec = tl.full([BLOCK_V], NEG_INF, tl.float32)
-    s_vec = tl.zeros([BLOCK_V], tl.float32)
-    nan_vec = tl.zeros([BLOCK_V], tl.int32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + lanes
-        cin = cols < V
-        x = tl.load(zrow + cols, mask=cin, other=NEG_INF)
-        xn = x != x
-        nan_vec = tl.maximum(nan_vec, xn.to(tl.int32))
-        x = tl.where(xn, NEG_INF, x)  # NaN is handled by the flag
-        m_new = tl.maximum(m_vec, x)
-        alive = (m_new > NEG_INF) & (m_new < POS_INF)
-        m_safe = tl.where(alive, m_new, 0.0)
-        s_vec = tl.where(alive, s_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe), 0.0)
-        m_vec = m_new
-    m = tl.max(m_vec, axis=0)
-    finite = (m > NEG_INF) & (m < POS_INF)
-    m_safe = tl.where(finite, m, 0.0)
-    s = tl.sum(tl.where(m_vec > NEG_INF, s_vec * tl.exp(m_vec - m_safe), 0.0), axis=0)
-    lse = tl.where(finite, m + tl.log(tl.where(finite, s, 1.0)), m)
-    lse = tl.where(tl.max(nan_vec, axis=0) > 0, NAN, lse)
+    lse = _row_lse(zrow, zrow, V, BLOCK_V, False)  # (zrow stands for the absent bias)
     tl.store(lse_ptr + pid, lse)
 
     # the K-th largest key: the smallest candidate key
