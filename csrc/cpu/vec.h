@@ -81,7 +81,9 @@ LETHE_INLINE F16v vexp(F16v x) {
   y = y * xc + splat(5.0000001201e-1f);
   y = y * z + xc + splat(1.0f);
   const I16v e = (__builtin_convertvector(n, I16v) + 127) << 23;
-  F16v r = y * reinterpret_cast<const F16v&>(e);
+  F16v scale;  // 2^n: the bits of e (memcpy, not a pointer cast: strict aliasing)
+  std::memcpy(&scale, &e, sizeof(scale));
+  F16v r = y * scale;
   r = x < lo ? splat(0.0f) : r;
   return x != x ? x : r;
 }
