@@ -28,13 +28,17 @@ TORCH_LIBRARY(lethe, m) {
   // (full vocabulary, or the K target ids when full_normalize is false).
   m.def("topk_kl(Tensor logits, Tensor target_ids, Tensor target_probs, Tensor? row_weight, "
         "bool full_normalize) -> (Tensor, Tensor)");
-  // Gradient wrt logits of sum_t grad_loss[t] * loss[t].
+  // Gradient wrt logits of sum_t grad_loss[t] * loss[t]. check_values=False skips the value
+  // checks of the targets (a host sync on GPUs): for autograd, whose forward made them.
   m.def("topk_kl_backward(Tensor grad_loss, Tensor logits, Tensor target_ids, Tensor target_probs, "
-        "Tensor lse, Tensor? row_weight, bool full_normalize) -> Tensor");
+        "Tensor lse, Tensor? row_weight, bool full_normalize, bool check_values=True) -> Tensor");
   // topk_kl on logits = hidden @ weight^T + bias, chunk_size tokens at a time, never holding
   // [N,V]. With grad_row_scale given, also the gradients of sum_t grad_row_scale[t] * loss[t]
-  // wrt hidden, weight and bias (computed in the same pass); otherwise those are empty.
+  // wrt hidden, weight and bias (computed in the same pass) for which grad_hidden, grad_weight
+  // and grad_bias are set (a frozen head skips its GEMM and [V, H] buffer); every gradient not
+  // computed is an empty [0] tensor of hidden's dtype. check_values as in topk_kl_backward.
   m.def("fused_linear_topk_kl(Tensor hidden, Tensor weight, Tensor? bias, Tensor target_ids, "
         "Tensor target_probs, Tensor? row_weight, Tensor? grad_row_scale, bool full_normalize, "
-        "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int chunk_size, bool grad_hidden=True, bool grad_weight=True, bool grad_bias=True, "
+        "bool check_values=True) -> (Tensor, Tensor, Tensor, Tensor)");
 }

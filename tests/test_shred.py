@@ -96,6 +96,53 @@ def test_fused_backward_scales_by_the_incoming_gradient():
         loss.backward()
 
 
+class _FusedCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the (grad_hidden, grad_weight, grad_bias, check_values) of every fused op call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.startswith("lethe::fused_linear_topk_kl"):
+            names = [a.name for a in func._schema.arguments]
+            bound = dict(zip(names, args), **(kwargs or {}))
+            self.calls.append(tuple(bound.get(n, a.default_value) for n, a in zip(names, func._schema.arguments)
+                                    if n in ("grad_hidden", "grad_weight", "grad_bias", "check_values")))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("trainable", ["hidden", "weight", "bias", "hidden+bias"])
+def test_fused_computes_only_the_gradients_autograd_needs(backend, reduction, trainable):
+    # a frozen head (LoRA, tied embeddings under no_grad) must not cost its [V, H] gradient
+    hidden, weight, b, labels, ids, q = _problem(N=11)
+    names = ("hidden", "weight", "bias")
+    ps = [t.clone().requires_grad_(n in trainable) for n, t in zip(names, (hidden, weight, b))]
+    refs = [t.clone().requires_grad_(n in trainable) for n, t in zip(names, (hidden, weight, b))]
+
+    def run(xs, be):
+        out = S.fused_linear_topk_kl(xs[0], xs[1], ids, q, bias=xs[2], reduction=reduction, chunk_size=4,
+                                     backend=be)
+        out.sum().backward()
+        return out
+
+    with _FusedCalls() as spy:
+        out = run(ps, backend)
+    ref = run(refs, "reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for n, p, r in zip(names, ps, refs):
+        assert (p.grad is None) == (n not in trainable), n
+        if n in trainable:
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5)
+    want = tuple(n in trainable for n in names)
+    if reduction == "none":  # forward without gradients; backward computes them unchecked
+        assert spy.calls[-1] == want + (False,)
+    else:  # the gradients are computed in the forward pass, which checks the targets
+        assert spy.calls == [want + (True,)]
+
+
 def test_all_positions_ignored_gives_zero_loss_and_gradient():
     hidden, weight, b, labels, ids, q = _problem(N=8)
     h = hidden.clone().requires_grad_(True)
@@ -214,6 +261,10 @@ def test_opcheck_shred_ops():
     w = weight.clone().requires_grad_(True)
     torch.library.opcheck(ops.fused_linear_topk_kl.default, (h, w, b, ids, q, rw, None, True, 4))
     torch.library.opcheck(ops.fused_linear_topk_kl.default, (h.detach(), w.detach(), None, ids, q, None, torch.rand(9), False, 3))
+    torch.library.opcheck(ops.fused_linear_topk_kl.default,
+                          (h.detach(), w.detach(), b, ids, q, rw, torch.rand(9), True, 4, False, True, True, False))
+    torch.library.opcheck(ops.fused_linear_topk_kl.default,
+                          (h.detach(), w.detach(), b, ids, q, None, torch.rand(9), False, 2, True, False, False))
 
 
 def test_native_kernels_are_used_on_cpu():

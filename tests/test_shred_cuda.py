@@ -348,6 +348,44 @@ def test_fused_large_logits(full):
     _close(gw, c_gw, 1e-3, 1e-3 * c_gw.abs().max().item())
 
 
+@pytest.mark.parametrize("grad_mask", [(h, w, b) for h in (False, True) for w in (False, True)
+                                       for b in (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [0, 13])
+def test_fused_grad_mask(grad_mask, dtype, N):
+    # a gradient not asked for is an empty [0] tensor of hidden's dtype; the rest are the full
+    # call's (the same GEMMs in the same order: bit for bit)
+    inputs = _cuda(*_fused_inputs(N, 10, 37, 5, False, dtype, True, seed=31 + N))
+    full = OPS.fused_linear_topk_kl(*inputs, True, 4)
+    out = OPS.fused_linear_topk_kl(*inputs, True, 4, *grad_mask)
+    assert torch.equal(out[0], full[0])
+    for want, got, expect in zip(grad_mask, out[1:], full[1:]):
+        if want:
+            assert got.dtype == expect.dtype and torch.equal(got, expect)
+        else:
+            assert got.shape == (0,) and got.dtype == dtype and got.device.type == "cuda"
+
+
+def test_check_values_false_skips_the_target_checks():
+    hidden, weight, _, ids, q, _, _ = _cuda(*_fused_inputs(6, 8, 20, 4, False, torch.float32, False, seed=32))
+    q = q * 0.9  # rows sum to 0.9: rejected when checked
+    ones = torch.ones(6, device="cuda")
+    with pytest.raises(RuntimeError, match="target_probs rows must sum to 1"):
+        OPS.fused_linear_topk_kl(hidden, weight, None, ids, q, None, ones, True, 4)
+    out = OPS.fused_linear_topk_kl(hidden, weight, None, ids, q, None, ones, True, 4, check_values=False)
+    cpu = OPS.fused_linear_topk_kl(hidden.cpu(), weight.cpu(), None, ids.cpu(), q.cpu(), None, ones.cpu(),
+                                   True, 4, check_values=False)
+    for a, e in zip(out[:3], cpu[:3]):
+        _check_grad(a.cpu(), e, 1e-4, 1e-5)
+    z = hidden @ weight.t()
+    lse = torch.logsumexp(z, -1)
+    with pytest.raises(RuntimeError, match="target_probs rows must sum to 1"):
+        OPS.topk_kl_backward(ones, z, ids, q, lse, None, True)
+    _check_grad(OPS.topk_kl_backward(ones, z, ids, q, lse, None, True, False).cpu(),
+                OPS.topk_kl_backward(ones.cpu(), z.cpu(), ids.cpu(), q.cpu(), lse.cpu(), None, True, False),
+                1e-4, 1e-5)
+
+
 def test_fused_empty():
     hidden, weight, bias = torch.randn(0, 6), torch.randn(10, 6), torch.randn(10)
     ids, q = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4)
@@ -434,6 +472,10 @@ def test_opcheck():
     oc(OPS.fused_linear_topk_kl.default, (h, w, bias, ids, q, rw, None, True, 4))
     oc(OPS.fused_linear_topk_kl.default, (hidden, weight, None, ids, q, None,
                                           torch.rand(9, device="cuda"), False, 3))
+    oc(OPS.fused_linear_topk_kl.default, (hidden, weight, bias, ids, q, rw, torch.rand(9, device="cuda"),
+                                          True, 4, False, True, True, False))
+    oc(OPS.fused_linear_topk_kl.default, (hidden, weight, bias, ids, q, None, torch.rand(9, device="cuda"),
+                                          False, 2, True, False, False))
 
 
 @pytest.mark.parametrize("op", SHRED_OPS)

@@ -259,6 +259,57 @@ def test_fused_empty():
     assert loss.shape == (0,) and gh.numel() == 0 and gw.numel() == 0 and gb.numel() == 0
 
 
+MASKS = [(h, w, b) for h in (False, True) for w in (False, True) for b in (False, True)]
+
+
+@pytest.mark.parametrize("grad_mask", MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [0, 1, 13])
+def test_fused_grad_mask(grad_mask, dtype, N):
+    # a gradient not asked for is an empty [0] tensor of hidden's dtype; the rest are the full
+    # call's, bit for bit (same arithmetic, same order)
+    g = torch.Generator().manual_seed(31 + N)
+    H, V, K = 10, 37, 5
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = torch.randn(V, H, generator=g).to(dtype)
+    bias = torch.randn(V, generator=g).to(dtype)
+    ids, q = _targets(N, V, K, g)
+    srs = torch.rand(N, generator=g)
+    full = OPS.fused_linear_topk_kl(hidden, weight, bias, ids, q, None, srs, True, 4)
+    out = OPS.fused_linear_topk_kl(hidden, weight, bias, ids, q, None, srs, True, 4, *grad_mask)
+    _close(out[0], full[0], 0, 0)
+    for want, got, expect in zip(grad_mask, out[1:], full[1:]):
+        if want:
+            assert got.dtype == expect.dtype and got.shape == expect.shape
+            _close(got, expect, 0, 0)
+        else:
+            assert got.shape == (0,) and got.dtype == dtype
+
+
+def test_check_values_false_skips_the_target_checks():
+    # for autograd's backward, whose forward checked the targets already
+    g = torch.Generator().manual_seed(32)
+    N, H, V, K = 6, 8, 20, 4
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    ids, q = _targets(N, V, K, g)
+    q = q * 0.9  # rows sum to 0.9: rejected when checked
+    z = hidden @ weight.t()
+    lse = torch.logsumexp(z, -1)
+    with pytest.raises(RuntimeError, match="target_probs rows must sum to 1"):
+        OPS.topk_kl_backward(torch.ones(N), z, ids, q, lse, None, True)
+    with pytest.raises(RuntimeError, match="target_probs rows must sum to 1"):
+        OPS.fused_linear_topk_kl(hidden, weight, None, ids, q, None, torch.ones(N), True, 4)
+    zr = z.clone().requires_grad_(True)
+    ref_loss = topk_kl_reference(zr, ids, q, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref_loss.sum(), zr)
+    _close(OPS.topk_kl_backward(torch.ones(N), z, ids, q, lse, None, True, False), ref_grad, 1e-4, 1e-5)
+    loss, gh, gw, _ = OPS.fused_linear_topk_kl(hidden, weight, None, ids, q, None, torch.ones(N), True, 4,
+                                               check_values=False)
+    _close(loss, ref_loss, 1e-4, 1e-5)
+    _close(gh, ref_grad @ weight, 1e-4, 1e-4)
+    _close(gw, ref_grad.t() @ hidden, 1e-4, 1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------

@@ -221,6 +221,54 @@ def test_fused_empty():
     assert gb.shape == (0,) and gb.dtype == torch.float16
 
 
+@pytest.mark.parametrize("grad_mask", [(h, w, b) for h in (False, True) for w in (False, True)
+                                       for b in (False, True)])
+@pytest.mark.parametrize("n", [0, 7])
+def test_fused_grad_mask(grad_mask, n):
+    # a gradient not asked for is an empty [0] tensor of hidden's dtype; the rest are the full
+    # call's, bit for bit
+    gen = torch.Generator().manual_seed(40 + n)
+    hidden = torch.randn(n, 8, generator=gen).half().to(DEVICE)
+    weight = torch.randn(37, 8, generator=gen).to(DEVICE)
+    bias = torch.randn(37, generator=gen).to(DEVICE)
+    ids, q = targets(n, 37, 5, n)
+    srs = torch.rand(n, generator=gen).to(DEVICE)
+    full = ts.fused_linear_topk_kl(hidden, weight, bias, ids, q, None, srs, True, 3)
+    out = ts.fused_linear_topk_kl(hidden, weight, bias, ids, q, None, srs, True, 3, *grad_mask)
+    torch.testing.assert_close(out[0], full[0], rtol=0, atol=0)
+    for want, got, expect in zip(grad_mask, out[1:], full[1:]):
+        if want:
+            assert got.dtype == expect.dtype
+            torch.testing.assert_close(got, expect, rtol=0, atol=0)
+        else:
+            assert got.shape == (0,) and got.dtype == torch.float16
+
+
+def test_check_values_false_skips_the_target_checks():
+    hidden = torch.randn(4, 8, device=DEVICE)
+    weight = torch.randn(20, 8, device=DEVICE)
+    ids, q = targets(4, 20, 3, 5)
+    q = q * 0.9  # rows sum to 0.9: rejected when checked
+    ones = torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match="target_probs rows must sum to 1"):
+        ts.fused_linear_topk_kl(hidden, weight, None, ids, q, None, ones, True, 2)
+    loss, gh, gW, _ = ts.fused_linear_topk_kl(hidden, weight, None, ids, q, None, ones, True, 2, check_values=False)
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rl = fused_linear_topk_kl_reference(hr, wr, None, ids, q, reduction="none")
+    rl.sum().backward()
+    torch.testing.assert_close(loss, rl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, hr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gW, wr.grad, rtol=1e-5, atol=1e-5)
+    z = (hidden @ weight.t()).contiguous()
+    lse = torch.logsumexp(z, -1)
+    with pytest.raises(ValueError, match="target_probs rows must sum to 1"):
+        ts.topk_kl_backward(ones, z, ids, q, lse, None, True)
+    zr = z.clone().requires_grad_()
+    topk_kl_reference(zr, ids, q, reduction="none").sum().backward()
+    torch.testing.assert_close(ts.topk_kl_backward(ones, z, ids, q, lse, None, True, False), zr.grad,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments():
     z = torch.randn(3, 8, device=DEVICE)
     ids, q = targets(3, 8, 2, 0, repeat=False)
@@ -332,6 +380,13 @@ def test_opcheck_triton_shred_ops():
     z = (hidden @ weight.t()).detach().requires_grad_(True)
     torch.library.opcheck(ops.topk_kl_triton.default, (z, ids, q, rw, True))
     torch.library.opcheck(ops.fused_linear_topk_kl_triton.default, (hidden, weight, None, ids, q, rw, None, False, 2))
+    b = torch.randn(V, generator=g).to(DEVICE)
+    torch.library.opcheck(ops.fused_linear_topk_kl_triton.default,
+                          (hidden.detach(), weight.detach(), b, ids, q, rw, torch.rand(N).to(DEVICE), True, 2,
+                           True, False, True, False))
+    torch.library.opcheck(ops.topk_kl_backward_triton.default,
+                          (torch.rand(N).to(DEVICE), z.detach(), ids, q, torch.logsumexp(z.detach(), -1), rw,
+                           False, False))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf

@@ -210,8 +210,9 @@ def _check_logits(logits):
         raise ValueError("logits must have at least one column (V >= 1)")
 
 
-def _prepare_targets(target_ids, target_probs, row_weight, n, v, device):
-    """(ids int64 [N,K], q fp32 [N,K], w fp32 [N] or None), contiguous, values checked."""
+def _prepare_targets(target_ids, target_probs, row_weight, n, v, device, check_values=True):
+    """(ids int64 [N,K], q fp32 [N,K], w fp32 [N] or None), contiguous, values checked unless
+    check_values is False."""
     _check_tensor(target_ids, "target_ids")
     _check_device(target_ids, "target_ids", device)
     if target_ids.dtype != torch.int64:
@@ -230,7 +231,8 @@ def _prepare_targets(target_ids, target_probs, row_weight, n, v, device):
     ids = target_ids.detach().contiguous()
     q = target_probs.detach().to(torch.float32).contiguous()
     w = row_weight.detach().to(torch.float32).contiguous() if row_weight is not None else None
-    check_target_values(ids, target_probs.detach(), v)
+    if check_values:
+        check_target_values(ids, target_probs.detach(), v)
     return ids, q, w
 
 
@@ -285,14 +287,15 @@ def topk_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_probs: torch.
 
 def topk_kl_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target_ids: torch.Tensor,
                      target_probs: torch.Tensor, lse: torch.Tensor,
-                     row_weight: Optional[torch.Tensor], full_normalize: bool) -> torch.Tensor:
+                     row_weight: Optional[torch.Tensor], full_normalize: bool,
+                     check_values: bool = True) -> torch.Tensor:
     """Gradient wrt logits (logits' dtype, [N, V]) of sum_t grad_loss[t] * loss[t]."""
     _check_logits(logits)
     n, v = logits.shape
     dev = logits.device
     _check_vec(grad_loss, "grad_loss", n, dev)
     _check_vec(lse, "lse", n, dev)
-    ids, q, w = _prepare_targets(target_ids, target_probs, row_weight, n, v, dev)
+    ids, q, w = _prepare_targets(target_ids, target_probs, row_weight, n, v, dev, check_values)
     out = torch.empty((n, v), dtype=logits.dtype, device=dev)
     if n == 0:
         return out
@@ -308,10 +311,11 @@ def topk_kl_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target_ids: 
 def fused_linear_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          target_ids: torch.Tensor, target_probs: torch.Tensor,
                          row_weight: Optional[torch.Tensor], grad_row_scale: Optional[torch.Tensor],
-                         full_normalize: bool, chunk_size: int):
+                         full_normalize: bool, chunk_size: int, grad_hidden: bool = True,
+                         grad_weight: bool = True, grad_bias: bool = True, check_values: bool = True):
     """(loss [N] fp32, grad_hidden, grad_weight, grad_bias) of topk_kl on hidden @ weight^T + bias,
-    chunk_size rows at a time. The gradients (of sum_t grad_row_scale[t] * loss[t]) are empty
-    [0] tensors of hidden's dtype without grad_row_scale; grad_bias is one without bias."""
+    chunk_size rows at a time. The gradients (of sum_t grad_row_scale[t] * loss[t]) asked for are
+    computed when grad_row_scale is given; every other one is an empty [0] tensor of hidden's dtype."""
     _check_float(hidden, "hidden")
     _check_float(weight, "weight")
     dev = hidden.device
@@ -336,23 +340,22 @@ def fused_linear_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk_size = int(chunk_size)
-    ids, q, w = _prepare_targets(target_ids, target_probs, row_weight, n, v, dev)
-    grads = grad_row_scale is not None
-    gb_dtype = bias.dtype if bias is not None else hidden.dtype
+    ids, q, w = _prepare_targets(target_ids, target_probs, row_weight, n, v, dev, check_values)
+    scaled = grad_row_scale is not None
+    want_h, want_w = scaled and grad_hidden, scaled and grad_weight
+    want_b = scaled and grad_bias and bias is not None
+    grads = want_h or want_w or want_b
 
     loss = torch.empty(n, dtype=torch.float32, device=dev)
-
-    def empties():
-        e = lambda: torch.empty(0, dtype=hidden.dtype, device=dev)  # noqa: E731
-        return loss, e(), e(), e()
-
-    if not grads and n == 0:
-        return empties()
+    gh, gw, gb = (torch.empty(0, dtype=hidden.dtype, device=dev) for _ in range(3))
     if n == 0:
-        return (loss, torch.empty((0, h), dtype=hidden.dtype, device=dev),
-                torch.zeros((v, h), dtype=weight.dtype, device=dev),
-                torch.zeros(v, dtype=gb_dtype, device=dev) if bias is not None
-                else torch.empty(0, dtype=gb_dtype, device=dev))
+        if want_h:
+            gh = torch.empty((0, h), dtype=hidden.dtype, device=dev)
+        if want_w:
+            gw = torch.zeros((v, h), dtype=weight.dtype, device=dev)
+        if want_b:
+            gb = torch.zeros(v, dtype=bias.dtype, device=dev)
+        return loss, gh, gw, gb
 
     hd = hidden.detach().contiguous()
     W = weight.detach().to(torch.float32).contiguous()
@@ -362,10 +365,10 @@ def fused_linear_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 
     c_max = min(chunk_size, n)
     zbuf = torch.empty((c_max, v), dtype=torch.float32, device=dev)
-    if grads:
+    if want_h:
         gh = torch.empty((n, h), dtype=hidden.dtype, device=dev)
-        gW32 = torch.zeros((v, h), dtype=torch.float32, device=dev)
-        gb32 = torch.zeros(v, dtype=torch.float32, device=dev) if bias is not None else None
+    gW32 = torch.zeros((v, h), dtype=torch.float32, device=dev) if want_w else None
+    gb32 = torch.zeros(v, dtype=torch.float32, device=dev) if want_b else None
 
     for s in range(0, n, c_max):
         c = min(c_max, n - s)
@@ -375,21 +378,18 @@ def fused_linear_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
         _launch_rows(c, zbuf, None, b, ids, q, w, srs, None, loss, None, s, full_normalize,
                      do_loss=True, store_lse=False, do_grad=grads, lse_given=False, fused=True,
                      in_place=True)
-        if not grads:
-            continue
-        if h32:
-            torch.mm(z, W, out=gh[s:s + c])
-        else:
-            gh[s:s + c].copy_(z @ W)
-        gW32.addmm_(z.t(), hc)
-        if gb32 is not None:
+        if want_h:
+            if h32:
+                torch.mm(z, W, out=gh[s:s + c])
+            else:
+                gh[s:s + c].copy_(z @ W)
+        if want_w:
+            gW32.addmm_(z.t(), hc)
+        if want_b:
             gb32 += z.sum(0)
 
-    if not grads:
-        return empties()
-    gW = gW32 if weight.dtype == torch.float32 else gW32.to(weight.dtype)
-    if bias is not None:
-        gb = gb32 if gb_dtype == torch.float32 else gb32.to(gb_dtype)
-    else:
-        gb = torch.empty(0, dtype=gb_dtype, device=dev)
-    return loss, gh, gW, gb
+    if want_w:
+        gw = gW32 if weight.dtype == torch.float32 else gW32.to(weight.dtype)
+    if want_b:
+        gb = gb32 if bias.dtype == torch.float32 else gb32.to(bias.dtype)
+    return loss, gh, gw, gb

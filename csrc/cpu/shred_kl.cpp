@@ -193,14 +193,16 @@ struct Targets {
 };
 
 Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_probs,
-                        const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V) {
+                        const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V,
+                        bool check_values = true) {
   Targets t;
   t.K = check_targets_shape(target_ids, target_probs, N, V);
   check_vec(row_weight, "row_weight", N);
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
   if (row_weight.has_value()) t.w = to_f32(*row_weight);
-  check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
+  if (check_values)
+    check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
                        shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16));
   return t;
 }
@@ -312,12 +314,12 @@ void topk_kl_backward_rows(const float* g, const scalar_t* z, const int64_t* ids
 at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                 const at::Tensor& target_ids, const at::Tensor& target_probs,
                                 const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
-                                bool full_normalize) {
+                                bool full_normalize, bool check_values) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_vec(grad_loss, "grad_loss", N);
   check_vec(lse, "lse", N);
-  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
   at::Tensor out = cached_empty({N, V}, logits.scalar_type());
   if (N == 0) return out;
   const at::Tensor zc = logits.contiguous();
@@ -378,7 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target_ids, const at::Tensor& target_probs,
     const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& grad_row_scale,
-    bool full_normalize, int64_t chunk_size) {
+    bool full_normalize, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias,
+    bool check_values) {
   check_cpu(hidden, "hidden");
   check_cpu(weight, "weight");
   check_float_input(hidden, "hidden");
@@ -397,22 +400,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
   }
   check_vec(grad_row_scale, "grad_row_scale", N);
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
-  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
-  const bool grads = grad_row_scale.has_value();
-  // empty gradients (no grad_row_scale; no bias) have hidden's dtype, as the fake kernel's do
-  const auto gb_dtype = bias.has_value() ? bias->scalar_type() : hidden.scalar_type();
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
+  const shred::GradMask want(grad_row_scale.has_value(), grad_hidden, grad_weight, grad_bias && bias.has_value());
+  const bool grads = want.any();
 
+  const auto opt = at::TensorOptions().dtype(hidden.scalar_type());
   at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
-  auto empties = [&] {
-    const auto o = at::TensorOptions().dtype(hidden.scalar_type());
-    return std::make_tuple(loss, at::empty({0}, o), at::empty({0}, o), at::empty({0}, o));
-  };
-  if (!grads && N == 0) return empties();
+  at::Tensor gh = at::empty({0}, opt), gW = at::empty({0}, opt), gb = at::empty({0}, opt);
   if (N == 0) {
-    return {loss, at::empty({0, H}, at::TensorOptions().dtype(hidden.scalar_type())),
-            at::zeros({V, H}, at::TensorOptions().dtype(weight.scalar_type())),
-            bias.has_value() ? at::zeros({V}, at::TensorOptions().dtype(gb_dtype))
-                             : at::empty({0}, at::TensorOptions().dtype(gb_dtype))};
+    if (want.h) gh = at::empty({0, H}, opt);
+    if (want.w) gW = at::zeros({V, H}, weight.options());
+    if (want.b) gb = at::zeros({V}, bias->options());
+    return {loss, gh, gW, gb};
   }
 
   const at::Tensor h = hidden.contiguous();
@@ -420,17 +419,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
   const at::Tensor b = bias.has_value() ? to_f32(*bias) : at::Tensor();
   const at::Tensor srs = grads ? to_f32(*grad_row_scale) : at::Tensor();
   const bool h32 = hidden.scalar_type() == at::kFloat;
-  const bool w32 = weight.scalar_type() == at::kFloat;
 
   const int64_t C = std::min(chunk_size, N);
   at::Tensor zbuf = cached_empty({C, V}, at::kFloat);
-  at::Tensor gh, gW32, gb32, gh32buf;
-  if (grads) {
+  at::Tensor gW32, gb32, gh32buf;
+  if (want.h) {
     gh = cached_empty({N, H}, hidden.scalar_type());
-    gW32 = cached_empty({V, H}, at::kFloat);  // the output itself for an fp32 weight
     if (!h32) gh32buf = cached_empty({C, H}, at::kFloat);
-    if (bias.has_value()) gb32 = at::zeros({V}, at::TensorOptions().dtype(at::kFloat));
   }
+  if (want.w) gW32 = cached_empty({V, H}, at::kFloat);  // the output itself for an fp32 weight
+  if (want.b) gb32 = at::zeros({V}, at::TensorOptions().dtype(at::kFloat));
 
   const int64_t* ids = t.ids.const_data_ptr<int64_t>();
   const float* q = t.q.const_data_ptr<float>();
@@ -448,26 +446,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
                grads ? srs.const_data_ptr<float>() + s : nullptr, c, V, K, full_normalize,
                lossp + s);
     if (!grads) continue;
-    if (gb32.defined()) gb32.add_(z.sum(0));
-    if (h32) {
-      at::Tensor ghc = gh.narrow(0, s, c);
-      at::mm_out(ghc, z, W);
-    } else {
-      at::Tensor tmp = gh32buf.narrow(0, 0, c);
-      at::mm_out(tmp, z, W);
-      gh.narrow(0, s, c).copy_(tmp);
+    if (want.b) gb32.add_(z.sum(0));
+    if (want.h) {
+      if (h32) {
+        at::Tensor ghc = gh.narrow(0, s, c);
+        at::mm_out(ghc, z, W);
+      } else {
+        at::Tensor tmp = gh32buf.narrow(0, 0, c);
+        at::mm_out(tmp, z, W);
+        gh.narrow(0, s, c).copy_(tmp);
+      }
     }
-    if (s == 0)
-      at::mm_out(gW32, z.t(), hc);
-    else
-      gW32.addmm_(z.t(), hc);
+    if (want.w) {
+      if (s == 0)
+        at::mm_out(gW32, z.t(), hc);
+      else
+        gW32.addmm_(z.t(), hc);
+    }
   }
 
-  if (!grads) return empties();
-  const at::Tensor gW = w32 ? gW32 : gW32.to(weight.scalar_type());
-  const at::Tensor gb = !bias.has_value()      ? at::empty({0}, at::TensorOptions().dtype(gb_dtype))
-                        : gb_dtype == at::kFloat ? gb32
-                                                 : gb32.to(gb_dtype);
+  if (want.w) gW = weight.scalar_type() == at::kFloat ? gW32 : gW32.to(weight.scalar_type());
+  if (want.b) gb = bias->scalar_type() == at::kFloat ? gb32 : gb32.to(bias->scalar_type());
   return {loss, gh, gW, gb};
 }
 

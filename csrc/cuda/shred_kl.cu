@@ -231,7 +231,7 @@ struct Targets {
 
 Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_probs,
                         const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V,
-                        const at::Device& dev, const char* ref) {
+                        const at::Device& dev, const char* ref, bool check_values = true) {
   check_same_device(target_ids, "target_ids", dev, ref);
   check_same_device(target_probs, "target_probs", dev, ref);
   TORCH_CHECK(target_ids.scalar_type() == at::kLong, "target_ids must be int64, got ",
@@ -249,7 +249,7 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
   if (row_weight.has_value()) t.w = to_f32(*row_weight);
-  if (N == 0 || t.K == 0) return t;
+  if (N == 0 || t.K == 0 || !check_values) return t;
   // one sync per call: out-of-range ids must fail here, not read out of bounds in the kernels
   at::Tensor bad = at::full({3}, N, t.ids.options());
   const float tol = shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16);
@@ -314,14 +314,14 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_cuda(const at::Tensor& logits, const 
 at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                                  const at::Tensor& target_ids, const at::Tensor& target_probs,
                                  const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
-                                 bool full_normalize) {
+                                 bool full_normalize, bool check_values) {
   check_logits(logits);
   const at::Device dev = logits.device();
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_vec(grad_loss, "grad_loss", N, dev, "logits");
   check_vec(lse, "lse", N, dev, "logits");
-  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "logits");
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "logits", check_values);
   at::Tensor out = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
   const at::Tensor zc = logits.contiguous();
@@ -341,7 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target_ids, const at::Tensor& target_probs,
     const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& grad_row_scale,
-    bool full_normalize, int64_t chunk_size) {
+    bool full_normalize, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias,
+    bool check_values) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
   check_same_device(weight, "weight", dev, "hidden");
@@ -362,19 +363,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
   check_vec(grad_row_scale, "grad_row_scale", N, dev, "hidden");
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const c10::cuda::CUDAGuard guard(dev);
-  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "hidden");
-  const bool grads = grad_row_scale.has_value();
+  const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "hidden", check_values);
+  const shred::GradMask want(grad_row_scale.has_value(), grad_hidden, grad_weight, grad_bias && bias.has_value());
+  const bool grads = want.any();
   const auto opt = hidden.options();
-  const auto gb_dtype = bias.has_value() ? bias->scalar_type() : hidden.scalar_type();
 
   at::Tensor loss = at::empty({N}, opt.dtype(at::kFloat));
-  auto empties = [&] {
-    return std::make_tuple(loss, at::empty({0}, opt), at::empty({0}, opt), at::empty({0}, opt));
-  };
-  if (!grads && N == 0) return empties();
+  at::Tensor gh = at::empty({0}, opt), gW = at::empty({0}, opt), gb = at::empty({0}, opt);
   if (N == 0) {
-    return {loss, at::empty({0, H}, opt), at::zeros({V, H}, weight.options()),
-            bias.has_value() ? at::zeros({V}, opt.dtype(gb_dtype)) : at::empty({0}, opt.dtype(gb_dtype))};
+    if (want.h) gh = at::empty({0, H}, opt);
+    if (want.w) gW = at::zeros({V, H}, weight.options());
+    if (want.b) gb = at::zeros({V}, bias->options());
+    return {loss, gh, gW, gb};
   }
 
   // GEMM dtype: the inputs' when they agree (tensor cores for fp16/bf16), otherwise fp32
@@ -388,15 +388,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
 
   const int64_t C = std::min(chunk_size, N);
   at::Tensor z = at::empty({C, V}, opt.dtype(at::kFloat));
-  at::Tensor glow, gh, gh32, gW32, gb32, gk;
+  at::Tensor glow, gh32, gW32, gb32, gk;
   if (grads) {
-    if (!f32) glow = at::empty({C, V}, opt.dtype(gt));  // G rounded for the gradient GEMMs
-    gh = at::empty({N, H}, opt);
-    if (hidden.scalar_type() != at::kFloat) gh32 = at::empty({C, H}, opt.dtype(at::kFloat));
-    gW32 = at::empty({V, H}, opt.dtype(at::kFloat));  // the first chunk overwrites it (beta 0)
-    if (bias.has_value()) gb32 = at::zeros({V}, opt.dtype(at::kFloat));
+    // G rounded for the gradient GEMMs
+    if (!f32 && (want.h || want.w)) glow = at::empty({C, V}, opt.dtype(gt));
     if (!full_normalize) gk = at::empty({C, t.K}, opt.dtype(at::kFloat));
   }
+  if (want.h) {
+    gh = at::empty({N, H}, opt);
+    if (hidden.scalar_type() != at::kFloat) gh32 = at::empty({C, H}, opt.dtype(at::kFloat));
+  }
+  if (want.w) gW32 = at::empty({V, H}, opt.dtype(at::kFloat));  // the first chunk overwrites it (beta 0)
+  if (want.b) gb32 = at::zeros({V}, opt.dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t K = t.K;
   for (int64_t s = 0; s < N; s += C) {
@@ -412,24 +415,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
         loss.mutable_data_ptr<float>() + s, gk.defined() ? gk.mutable_data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!grads) continue;
-    if (bias.has_value()) gb32.add_(zc.sum(0));
+    if (want.b) gb32.add_(zc.sum(0));
+    if (!want.h && !want.w) continue;
     const void* G = zc.const_data_ptr();
     if (!f32) {
       at::Tensor gl = glow.narrow(0, 0, c);
       gl.copy_(zc);
       G = gl.const_data_ptr();
     }
-    float* dh = gh32.defined() ? gh32.mutable_data_ptr<float>()
-                               : gh.mutable_data_ptr<float>() + s * H;
-    cuda::gemm_f32out(false, false, c, H, V, 1.0f, G, V, W.const_data_ptr(), H, gt, 0.0f, dh, H);
-    if (gh32.defined()) gh.narrow(0, s, c).copy_(gh32.narrow(0, 0, c));
-    cuda::gemm_f32out(true, false, V, H, c, 1.0f, G, V, hc, H, gt, s == 0 ? 0.0f : 1.0f,
-                      gW32.mutable_data_ptr<float>(), H);
+    if (want.h) {
+      float* dh = gh32.defined() ? gh32.mutable_data_ptr<float>() : gh.mutable_data_ptr<float>() + s * H;
+      cuda::gemm_f32out(false, false, c, H, V, 1.0f, G, V, W.const_data_ptr(), H, gt, 0.0f, dh, H);
+      if (gh32.defined()) gh.narrow(0, s, c).copy_(gh32.narrow(0, 0, c));
+    }
+    if (want.w)
+      cuda::gemm_f32out(true, false, V, H, c, 1.0f, G, V, hc, H, gt, s == 0 ? 0.0f : 1.0f,
+                        gW32.mutable_data_ptr<float>(), H);
   }
-  if (!grads) return empties();
-  at::Tensor gW = weight.scalar_type() == at::kFloat ? gW32 : gW32.to(weight.scalar_type());
-  at::Tensor gb = bias.has_value() ? (gb_dtype == at::kFloat ? gb32 : gb32.to(gb_dtype))
-                                   : at::empty({0}, opt.dtype(gb_dtype));
+  if (want.w) gW = weight.scalar_type() == at::kFloat ? gW32 : gW32.to(weight.scalar_type());
+  if (want.b) gb = bias->scalar_type() == at::kFloat ? gb32 : gb32.to(bias->scalar_type());
   return {loss, gh, gW, gb};
 }
 

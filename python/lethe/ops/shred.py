@@ -256,12 +256,15 @@ class _FusedLinearTopkKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target_ids, target_probs, row_w, scale, full, chunk, which):
-        need = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        # only the gradients autograd will ask for: a frozen head (LoRA) skips the grad_weight
+        # GEMM and its [V, H] fp32 buffer
+        want = [bool(x) for x in ctx.needs_input_grad[:3]]
         grad_scale = None
-        if need:
+        if any(want):
             grad_scale = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device) * scale
         op = _backend.kernel_op("fused_linear_topk_kl", which)
-        loss, gh, gw, gb = op(hidden, weight, bias, target_ids, target_probs, row_w, grad_scale, full, chunk)
+        loss, gh, gw, gb = op(hidden, weight, bias, target_ids, target_probs, row_w, grad_scale, full, chunk,
+                              *want)
         ctx.save_for_backward(gh, gw, gb)
         ctx.has_bias = bias is not None
         return (loss.sum() * scale).to(torch.float32)
@@ -291,6 +294,8 @@ def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None,
     """topk_kl on the logits hidden @ weight.T + bias, fused with the LM head: chunk_size tokens at a
     time, gradients for hidden, weight and bias computed in the same pass (the way Liger-Kernel's
     fused linear cross-entropy does), so the peak extra memory is one [chunk_size, V] fp32 block.
+    Only the gradients of inputs that require grad are computed: a frozen head (LoRA) costs no
+    grad_weight GEMM and no [V, H] buffer.
 
     hidden [N, H] (or [..., H] with targets [..., K]); arguments otherwise as topk_kl."""
     _check_head(hidden, weight, bias)
@@ -344,18 +349,20 @@ def _fake_topk_kl(logits, target_ids, target_probs, row_weight, full_normalize):
     return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
 
 
-def _fake_topk_kl_backward(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize):
+def _fake_topk_kl_backward(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize,
+                           check_values=True):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _fake_fused(hidden, weight, bias, target_ids, target_probs, row_weight, grad_row_scale,
-                full_normalize, chunk_size):
+                full_normalize, chunk_size, grad_hidden=True, grad_weight=True, grad_bias=True,
+                check_values=True):
     loss = hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
-    if grad_row_scale is None:
-        e = hidden.new_empty((0,))
-        return loss, e, e.clone(), e.clone()
-    gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
-    return loss, torch.empty_like(hidden), torch.empty_like(weight), gb
+    scaled = grad_row_scale is not None
+
+    def grad(want, t):
+        return torch.empty_like(t) if scaled and want and t is not None else hidden.new_empty((0,))
+    return loss, grad(grad_hidden, hidden), grad(grad_weight, weight), grad(grad_bias, bias)
 
 
 def _topk_kl_setup(ctx, inputs, output):
@@ -367,14 +374,15 @@ def _topk_kl_setup(ctx, inputs, output):
 def _topk_kl_bwd_with(which):
     def backward(ctx, grad_loss, grad_lse):
         logits, ids, probs, lse, row_w = ctx.saved_tensors
+        # the forward checked the targets (and autograd would reject them changed since)
         g = _backend.kernel_op("topk_kl_backward", which)(grad_loss.contiguous(), logits, ids, probs, lse,
-                                                          row_w, ctx.full)
+                                                          row_w, ctx.full, False)
         return g, None, None, None, None
     return backward
 
 
 def _fused_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, probs, row_w, _, full, chunk = inputs
+    hidden, weight, bias, ids, probs, row_w, _, full, chunk = inputs[:9]
     ctx.args = (full, chunk)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, ids, probs, row_w)
@@ -383,8 +391,11 @@ def _fused_setup(ctx, inputs, output):
 def _fused_bwd_with(which):
     def backward(ctx, grad_loss, *_unused):
         hidden, weight, bias, ids, probs, row_w = ctx.saved_tensors
-        _, gh, gw, gb = _backend.kernel_op("fused_linear_topk_kl", which)(hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args)
-        return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
+        want = [bool(x) for x in ctx.needs_input_grad[:3]]
+        _, gh, gw, gb = _backend.kernel_op("fused_linear_topk_kl", which)(
+            hidden, weight, bias, ids, probs, row_w, grad_loss.float().contiguous(), *ctx.args, *want, False)
+        return (gh if want[0] else None, gw if want[1] else None, gb if ctx.has_bias and want[2] else None,
+                None, None, None, None, None, None, None, None, None, None)
     return backward
 
 
@@ -410,20 +421,23 @@ if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.
 
     @torch.library.custom_op("lethe::topk_kl_backward_triton", mutates_args=())
     def _topk_kl_backward_triton(grad_loss: Tensor, logits: Tensor, target_ids: Tensor, target_probs: Tensor,
-                                 lse: Tensor, row_weight: Optional[Tensor], full_normalize: bool) -> Tensor:
+                                 lse: Tensor, row_weight: Optional[Tensor], full_normalize: bool,
+                                 check_values: bool = True) -> Tensor:
         from lethe.triton_kernels.shred_kl import topk_kl_backward as kernel
 
-        return kernel(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize)
+        return kernel(grad_loss, logits, target_ids, target_probs, lse, row_weight, full_normalize, check_values)
 
     @torch.library.custom_op("lethe::fused_linear_topk_kl_triton", mutates_args=())
     def _fused_linear_topk_kl_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor,
                                      target_probs: Tensor, row_weight: Optional[Tensor],
                                      grad_row_scale: Optional[Tensor], full_normalize: bool,
-                                     chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                     chunk_size: int, grad_hidden: bool = True, grad_weight: bool = True,
+                                     grad_bias: bool = True,
+                                     check_values: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from lethe.triton_kernels.shred_kl import fused_linear_topk_kl as kernel
 
         return kernel(hidden, weight, bias, target_ids, target_probs, row_weight, grad_row_scale,
-                      full_normalize, chunk_size)
+                      full_normalize, chunk_size, grad_hidden, grad_weight, grad_bias, check_values)
 
     _topk_kl_triton.register_fake(_fake_topk_kl)
     _topk_kl_backward_triton.register_fake(_fake_topk_kl_backward)
