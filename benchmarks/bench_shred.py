@@ -98,14 +98,22 @@ def matmuls(hidden, weight, out):
 
 VARIANTS = {"lethe": lethe_loss, "eager": eager_loss, "eager (logits kept)": eager_loss_logits_kept,
             "chunked": chunked_loss}
+# a frozen LM head (LoRA): only grad_hidden is wanted, 4*N*H*V flops
+FROZEN = {"lethe (frozen head)": lethe_loss, "eager (frozen head)": eager_loss}
 
 
-def step(fn, hidden, weight, ids, probs):
+def step(fn, hidden, weight, ids, probs, train_weight=True):
     h = hidden.requires_grad_(True)
-    w = weight.requires_grad_(True)
+    w = weight.detach().requires_grad_(train_weight)
     out = fn(h, w, ids, probs)
     loss = out[0] if isinstance(out, tuple) else out  # the rest (logits) stays alive until return
-    return torch.autograd.grad(loss, (h, w))
+    return torch.autograd.grad(loss, (h, w) if train_weight else (h,))
+
+
+def run_variant(name, *inputs):
+    if name in FROZEN:
+        return step(FROZEN[name], *inputs, train_weight=False)
+    return step(VARIANTS[name], *inputs)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +121,9 @@ def inputs():
     return make_inputs()
 
 
-@pytest.mark.parametrize("impl", list(VARIANTS))
+@pytest.mark.parametrize("impl", list(VARIANTS) + list(FROZEN))
 def test_loss_and_backward(benchmark, impl, inputs):
-    fn = VARIANTS[impl]
-    benchmark.pedantic(lambda: step(fn, *inputs), rounds=3, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(lambda: run_variant(impl, *inputs), rounds=3, warmup_rounds=1, iterations=1)
     TIMES[impl] = benchmark.stats.stats.median
 
 
@@ -131,6 +138,8 @@ def test_same_gradients(inputs):
     b = step(chunked_loss, *inputs)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-6)
+    (c,) = run_variant("lethe (frozen head)", *inputs)
+    torch.testing.assert_close(c, a[0], rtol=0, atol=0)
 
 
 def test_teacher_pass(benchmark, inputs):
@@ -166,12 +175,12 @@ def hwm():  # peak RSS of this process image (ru_maxrss would include the parent
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM'))
 base = rss()
-B.step(B.VARIANTS[{name!r}], *inputs)
+B.run_variant({name!r}, *inputs)
 print((hwm() - base) / 2**30)
 """
 
 
-@pytest.mark.parametrize("impl", list(VARIANTS))
+@pytest.mark.parametrize("impl", list(VARIANTS) + list(FROZEN))
 def test_peak_memory(impl):
     code = _PEAK_CODE.format(bench_dir=os.path.dirname(__file__), name=impl)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -186,7 +195,7 @@ def test_report():
     report = {
         "shape": {"N": N, "H": H, "V": V, "K": K}, "chunk": CHUNK,
         "median_s": t,
-        "GFLOPs": {k: flops / v / 1e9 for k, v in t.items() if "/" not in k},
+        "GFLOPs": {k: (flops * 2 / 3 if k in FROZEN else flops) / v / 1e9 for k, v in t.items() if "/" not in k},
         "speedup_vs_eager": t["eager"] / t["lethe"],
         "speedup_vs_chunked": t["chunked"] / t["lethe"],
         "fraction_of_matmul": t["matmuls"] / t["lethe"],
@@ -194,9 +203,12 @@ def test_report():
         # grad_weight and grad_hidden (fp32) are outputs every variant must hold
         "gradient_outputs_GiB": (V * H + N * H) * 4 / 2**30,
         # peak memory beside inputs and outputs (working memory), and the ratios both ways
-        "working_GiB": {k: v - (V * H + N * H) * 4 / 2**30 for k, v in PEAKS.items()},
+        "working_GiB": {k: v - (N * H + (0 if k in FROZEN else V * H)) * 4 / 2**30 for k, v in PEAKS.items()},
         "teacher_speedup_vs_eager": t.get("teacher/eager", 0) / t.get("teacher/lethe", 1),
     }
+    fl, fe = t.get("lethe (frozen head)"), t.get("eager (frozen head)")
+    if fl and fe:
+        report["frozen_head"] = {"speedup_vs_eager": fe / fl, "time_vs_trained_head": fl / t["lethe"]}
     path = write_results("shred_cpu", report)
     print(f"\nfused top-K KL loss+backward N={N} H={H} V={V} K={K} (medians, s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
@@ -206,6 +218,14 @@ def test_report():
     print("  peak extra memory (GiB, incl. the gradients' own "
           f"{report['gradient_outputs_GiB']:.2f}): " + ", ".join(f"{k} {v:.2f}" for k, v in PEAKS.items())
           + f"; teacher pass {report['teacher_speedup_vs_eager']:.2f}x eager; written to {path}")
+    if "frozen_head" in report:
+        fh = report["frozen_head"]
+        print(f"  frozen head: lethe {fh['speedup_vs_eager']:.2f}x eager (frozen), "
+              f"{100 * fh['time_vs_trained_head']:.0f}% of lethe's time with the head trained, "
+              f"{report['GFLOPs']['lethe (frozen head)']:.0f} GFLOP/s counting 4*N*H*V")
+    if {"lethe (frozen head)", "eager (frozen head)"} <= set(PEAKS):
+        pl, pe = PEAKS["lethe (frozen head)"], PEAKS["eager (frozen head)"]
+        print(f"  frozen head peak extra memory: lethe {pl:.3f} GiB, eager {pe:.2f} GiB ({100 * pl / pe:.1f}%)")
     if {"lethe", "eager", "chunked"} <= set(PEAKS):
         wk = report["working_GiB"]
         kept = PEAKS.get("eager (logits kept)", float("nan"))
