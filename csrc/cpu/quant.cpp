@@ -70,26 +70,22 @@ LETHE_INLINE void stats_f32(const float* x, int64_t n, float* lo_out, float* hi_
   *finite_out = s.finite;
 }
 
-LETHE_INLINE void apply_int_f32(const float* x, float* y, bool* mask, int64_t n, float scale,
-                                float inv, float zp, float qmin, float qmax) {
+// The group was tested once (apply): the loops run the header's per-element step only. p is a
+// local copy, so the compiler knows the stores to y cannot change it (and vectorises).
+LETHE_INLINE void apply_int_f32(const float* x, float* y, bool* mask, int64_t n, const Params p) {
+  bool kept;
   if (mask) {
     for (int64_t i = 0; i < n; ++i) {
-      const float q = quant::rne(x[i] * inv) + zp;
-      const float c = q < qmin ? qmin : (q > qmax ? qmax : q);
-      mask[i] = c == q;
-      y[i] = (c - zp) * scale;
+      y[i] = quant::int_value(x[i], p, &kept);
+      mask[i] = kept;
     }
   } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const float q = quant::rne(x[i] * inv) + zp;
-      const float c = q < qmin ? qmin : (q > qmax ? qmax : q);
-      y[i] = (c - zp) * scale;
-    }
+    for (int64_t i = 0; i < n; ++i) y[i] = quant::int_value(x[i], p, &kept);
   }
 }
 
-LETHE_INLINE void apply_nf4_f32(const float* x, float* y, int64_t n, float scale, float inv) {
-  for (int64_t i = 0; i < n; ++i) y[i] = quant::nf4_level(x[i] * inv) * scale;
+LETHE_INLINE void apply_nf4_f32(const float* x, float* y, int64_t n, const Params p) {
+  for (int64_t i = 0; i < n; ++i) y[i] = quant::nf4_value(x[i], p);
 }
 
 LETHE_INLINE Stats stats_of(const float* x, int64_t n) {
@@ -105,10 +101,10 @@ LETHE_INLINE void apply(const float* x, float* y, bool* mask, int64_t n, const P
     for (int64_t i = 0; i < n; ++i) y[i] = v;
     if (mask) std::memset(mask, p.invalid ? 0 : 1, n);
   } else if (codebook == quant::kNF4) {
-    apply_nf4_f32(x, y, n, p.scale, p.inv);
+    apply_nf4_f32(x, y, n, p);
     if (mask) std::memset(mask, 1, n);
   } else {
-    apply_int_f32(x, y, mask, n, p.scale, p.inv, p.zp, p.qmin, p.qmax);
+    apply_int_f32(x, y, mask, n, p);
   }
 }
 

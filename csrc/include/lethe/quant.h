@@ -110,6 +110,17 @@ LETHE_HD float nf4_level(float v) {
   return level;
 }
 
+// One value of a group that is neither invalid nor zero-scale, integer and NF4 codebooks: the
+// per-element step, which the CPU loops run after testing the group once.
+LETHE_HD float int_value(float x, const Params& p, bool* kept) {
+  const float q = rne(x * p.inv) + p.zp;
+  const float code = clampf(q, p.qmin, p.qmax);
+  *kept = code == q;
+  return (code - p.zp) * p.scale;
+}
+
+LETHE_HD float nf4_value(float x, const Params& p) { return nf4_level(x * p.inv) * p.scale; }
+
 // Quantise-dequantise one value; *kept is the clipped-STE mask (false where the code was clamped).
 LETHE_HD float fake_quant_value(float x, const Params& p, int64_t codebook, bool* kept) {
   if (p.invalid) {
@@ -122,12 +133,9 @@ LETHE_HD float fake_quant_value(float x, const Params& p, int64_t codebook, bool
   }
   if (codebook == kNF4) {
     *kept = true;
-    return nf4_level(x * p.inv) * p.scale;
+    return nf4_value(x, p);
   }
-  const float q = rne(x * p.inv) + p.zp;
-  const float code = clampf(q, p.qmin, p.qmax);
-  *kept = code == q;
-  return (code - p.zp) * p.scale;
+  return int_value(x, p, kept);
 }
 
 }  // namespace quant
