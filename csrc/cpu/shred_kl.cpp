@@ -102,28 +102,7 @@ void check_cpu(const at::Tensor& t, const char* name) {
               t.device());
 }
 
-void check_vec(const std::optional<at::Tensor>& t, const char* name, int64_t N) {
-  if (!t.has_value()) return;
-  check_cpu(*t, name);
-  check_float_input(*t, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, name, " must have shape [N] = [", N,
-              "], got ", t->sizes());
-}
-
-// Shapes and dtypes of target_ids / target_probs against N rows and V classes; returns K.
-int64_t check_targets_shape(const at::Tensor& ids, const at::Tensor& q, int64_t N, int64_t V) {
-  check_cpu(ids, "target_ids");
-  check_cpu(q, "target_probs");
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "target_ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == N, "target_ids must have shape [N, K] with N = ",
-              N, ", got ", ids.sizes());
-  const int64_t K = ids.size(1);
-  TORCH_CHECK(K <= V, "target_ids has K = ", K, " columns, more than the vocabulary size V = ", V);
-  check_float_input(q, "target_probs");
-  TORCH_CHECK(q.dim() == 2 && q.sizes() == ids.sizes(),
-              "target_probs must have the shape of target_ids ", ids.sizes(), ", got ", q.sizes());
-  return K;
-}
+const at::Device kCPU(at::kCPU);
 
 // Values of the targets: ids in [0, V), probs >= 0 with each row summing to 1 (or exactly 0).
 void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t K, int64_t V,
@@ -196,8 +175,8 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
                         const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V,
                         bool check_values = true) {
   Targets t;
-  t.K = check_targets_shape(target_ids, target_probs, N, V);
-  check_vec(row_weight, "row_weight", N);
+  t.K = check_target_shapes(target_ids, target_probs, N, V, kCPU, "the CPU kernel");
+  check_row_vector(row_weight, "row_weight", N, kCPU, "the CPU kernel");
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
   if (row_weight.has_value()) t.w = to_f32(*row_weight);
@@ -209,9 +188,7 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
 
 void check_logits(const at::Tensor& logits) {
   check_cpu(logits, "logits");
-  check_float_input(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), "-D");
-  TORCH_CHECK(logits.size(1) >= 1, "logits must have at least one column (V >= 1)");
+  check_logits_shape(logits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,8 +294,8 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
                                 bool full_normalize, bool check_values) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
-  check_vec(grad_loss, "grad_loss", N);
-  check_vec(lse, "lse", N);
+  check_row_vector(grad_loss, "grad_loss", N, kCPU, "the CPU kernel");
+  check_row_vector(lse, "lse", N, kCPU, "the CPU kernel");
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
   at::Tensor out = cached_empty({N, V}, logits.scalar_type());
   if (N == 0) return out;
@@ -383,22 +360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     bool full_normalize, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias,
     bool check_values) {
   check_cpu(hidden, "hidden");
-  check_cpu(weight, "weight");
-  check_float_input(hidden, "hidden");
-  check_float_input(weight, "weight");
-  TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got ", hidden.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [V, H], got ", weight.dim(), "-D");
+  check_linear_head(hidden, weight, bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  TORCH_CHECK(weight.size(1) == H, "weight must have shape [V, H] with H = ", H,
-              " (hidden's last dimension), got ", weight.sizes());
-  TORCH_CHECK(V >= 1, "weight must have at least one row (V >= 1)");
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    check_float_input(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V,
-                "], got ", bias->sizes());
-  }
-  check_vec(grad_row_scale, "grad_row_scale", N);
+  check_row_vector(grad_row_scale, "grad_row_scale", N, kCPU, "the CPU kernel");
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
   const shred::GradMask want(grad_row_scale.has_value(), grad_hidden, grad_weight, grad_bias && bias.has_value());

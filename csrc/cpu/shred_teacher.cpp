@@ -55,36 +55,6 @@ struct Entry {
 // ---------------------------------------------------------------------------------------------
 // teacher_topk
 
-void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-                             int64_t k, int64_t chunk_size) {
-  TORCH_CHECK(hidden.device().is_cpu(), "hidden must be a CPU tensor for the CPU kernel, got ",
-              hidden.device());
-  check_float_input(hidden, "hidden");
-  TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
-  check_float_input(weight, "weight");
-  TORCH_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device());
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [V, H], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have H = ", hidden.size(1),
-              " columns (hidden's last dimension), got shape ", weight.sizes());
-  const int64_t V = weight.size(0);
-  TORCH_CHECK(V >= 1, "weight must have at least one row (vocabulary size >= 1), got shape ",
-              weight.sizes());
-  if (bias.has_value() && bias->defined()) {
-    check_float_input(*bias, "bias");
-    TORCH_CHECK(bias->device().is_cpu(), "bias must be a CPU tensor, got ", bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V,
-                "], got ", bias->sizes());
-  }
-  TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "labels must have shape [N] = [",
-              hidden.size(0), "], got ", labels.sizes());
-  TORCH_CHECK(k >= 1 && k <= V, "k must be in [1, V] = [1, ", V, "], got ", k);
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
-}
-
 inline bool entry_better(const Entry& a, const Entry& b) {
   return desc_before(a.v, a.id, b.v, b.id);
 }
@@ -147,6 +117,8 @@ void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vecto
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
+  TORCH_CHECK(hidden.device().is_cpu(), "hidden must be a CPU tensor for the CPU kernel, got ",
+              hidden.device());
   check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
   const int64_t N = hidden.size(0), V = weight.size(0), K = k;
   const at::Tensor lab = labels.contiguous();
@@ -205,17 +177,7 @@ at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at
   TORCH_CHECK(label_logprob.device().is_cpu(),
               "label_logprob must be a CPU tensor for the CPU kernel, got ",
               label_logprob.device());
-  check_float_input(label_logprob, "label_logprob");
-  TORCH_CHECK(label_logprob.dim() == 2, "label_logprob must be 2-D [B, T], got shape ",
-              label_logprob.sizes());
-  TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == label_logprob.sizes(),
-              "labels must have the shape of label_logprob ", label_logprob.sizes(), ", got ",
-              labels.sizes());
-  TORCH_CHECK(fraction >= 0.0 && fraction <= 1.0, "fraction must be in [0, 1], got ", fraction);
-  TORCH_CHECK(skip >= 0, "skip must be >= 0, got ", skip);
+  check_select_forget_positions_args(label_logprob, labels, fraction, skip);
 
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
   at::Tensor out = at::zeros({B, T}, label_logprob.options().dtype(at::kBool));
@@ -263,30 +225,8 @@ at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk
                               int64_t variant, double top_p) {
   TORCH_CHECK(topk_ids.device().is_cpu(), "topk_ids must be a CPU tensor for the CPU kernel, got ",
               topk_ids.device());
-  TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "topk_ids must be int64, got ",
-              topk_ids.scalar_type());
-  TORCH_CHECK(topk_ids.dim() == 2, "topk_ids must be 2-D [N, K], got shape ", topk_ids.sizes());
-  TORCH_CHECK(topk_logprobs.device().is_cpu(), "topk_logprobs must be a CPU tensor, got ",
-              topk_logprobs.device());
-  check_float_input(topk_logprobs, "topk_logprobs");
-  TORCH_CHECK(topk_logprobs.sizes() == topk_ids.sizes(),
-              "topk_logprobs must have the shape of topk_ids ", topk_ids.sizes(), ", got ",
-              topk_logprobs.sizes());
+  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
-  // labels / forget_mask: [N], or any shape of N elements (the reference flattens them)
-  TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.numel() == N, "labels must have N = ", N, " elements (shape [N]), got shape ",
-              labels.sizes());
-  TORCH_CHECK(forget_mask.device().is_cpu(), "forget_mask must be a CPU tensor, got ",
-              forget_mask.device());
-  TORCH_CHECK(forget_mask.scalar_type() == at::kBool, "forget_mask must be bool, got ",
-              forget_mask.scalar_type());
-  TORCH_CHECK(forget_mask.numel() == N, "forget_mask must have N = ", N,
-              " elements (shape [N]), got shape ", forget_mask.sizes());
-  TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (A) or 1 (B), got ", variant);
-  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
 
   at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));
   if (N == 0 || K == 0) return q;

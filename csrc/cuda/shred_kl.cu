@@ -213,15 +213,6 @@ __global__ void check_targets_kernel(const int64_t* __restrict__ ids, const floa
   }
 }
 
-void check_vec(const std::optional<at::Tensor>& t, const char* name, int64_t N, const at::Device& dev,
-               const char* ref) {
-  if (!t.has_value()) return;
-  check_same_device(*t, name, dev, ref);
-  check_float_input(*t, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, name, " must have shape [N] = [", N, "], got ",
-              t->sizes());
-}
-
 at::Tensor to_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 struct Targets {
@@ -232,20 +223,9 @@ struct Targets {
 Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_probs,
                         const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V,
                         const at::Device& dev, const char* ref, bool check_values = true) {
-  check_same_device(target_ids, "target_ids", dev, ref);
-  check_same_device(target_probs, "target_probs", dev, ref);
-  TORCH_CHECK(target_ids.scalar_type() == at::kLong, "target_ids must be int64, got ",
-              target_ids.scalar_type());
-  TORCH_CHECK(target_ids.dim() == 2 && target_ids.size(0) == N,
-              "target_ids must have shape [N, K] with N = ", N, ", got ", target_ids.sizes());
   Targets t;
-  t.K = target_ids.size(1);
-  TORCH_CHECK(t.K <= V, "target_ids has K = ", t.K, " columns, more than the vocabulary size V = ", V);
-  check_float_input(target_probs, "target_probs");
-  TORCH_CHECK(target_probs.dim() == 2 && target_probs.sizes() == target_ids.sizes(),
-              "target_probs must have the shape of target_ids ", target_ids.sizes(), ", got ",
-              target_probs.sizes());
-  check_vec(row_weight, "row_weight", N, dev, ref);
+  t.K = check_target_shapes(target_ids, target_probs, N, V, dev, ref);
+  check_row_vector(row_weight, "row_weight", N, dev, ref);
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
   if (row_weight.has_value()) t.w = to_f32(*row_weight);
@@ -279,9 +259,7 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
 
 void check_logits(const at::Tensor& logits) {
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor for the CUDA kernel, got ", logits.device());
-  check_float_input(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), "-D");
-  TORCH_CHECK(logits.size(1) >= 1, "logits must have at least one column (V >= 1)");
+  check_logits_shape(logits);
 }
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
@@ -319,8 +297,8 @@ at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
   const at::Device dev = logits.device();
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t N = logits.size(0), V = logits.size(1);
-  check_vec(grad_loss, "grad_loss", N, dev, "logits");
-  check_vec(lse, "lse", N, dev, "logits");
+  check_row_vector(grad_loss, "grad_loss", N, dev, "logits");
+  check_row_vector(lse, "lse", N, dev, "logits");
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "logits", check_values);
   at::Tensor out = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
@@ -345,22 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     bool check_values) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
-  check_same_device(weight, "weight", dev, "hidden");
-  check_float_input(hidden, "hidden");
-  check_float_input(weight, "weight");
-  TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got ", hidden.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [V, H], got ", weight.dim(), "-D");
+  check_linear_head(hidden, weight, bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  TORCH_CHECK(weight.size(1) == H, "weight must have shape [V, H] with H = ", H,
-              " (hidden's last dimension), got ", weight.sizes());
-  TORCH_CHECK(V >= 1, "weight must have at least one row (V >= 1)");
-  if (bias.has_value()) {
-    check_same_device(*bias, "bias", dev, "hidden");
-    check_float_input(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V, "], got ",
-                bias->sizes());
-  }
-  check_vec(grad_row_scale, "grad_row_scale", N, dev, "hidden");
+  check_row_vector(grad_row_scale, "grad_row_scale", N, dev, "hidden");
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const c10::cuda::CUDAGuard guard(dev);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "hidden", check_values);

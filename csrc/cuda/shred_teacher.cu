@@ -184,28 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
-  check_float_input(hidden, "hidden");
-  TORCH_CHECK(hidden.dim() == 2, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
-  check_same_device(weight, "weight", dev, "hidden");
-  check_float_input(weight, "weight");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
-              "weight must have shape [V, H] with H = ", hidden.size(1), ", got ", weight.sizes());
+  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0), K = k;
-  TORCH_CHECK(V >= 1, "weight must have at least one row (vocabulary size >= 1)");
   TORCH_CHECK(V < (int64_t(1) << 32) - 1, "weight has too many rows for the CUDA kernel: ", V);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_same_device(*bias, "bias", dev, "hidden");
-    check_float_input(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [V] = [", V,
-                "], got ", bias->sizes());
-  }
-  check_same_device(labels, "labels", dev, "hidden");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, "labels must have shape [N] = [", N,
-              "], got ", labels.sizes());
-  TORCH_CHECK(K >= 1 && K <= V, "k must be in [1, V] = [1, ", V, "], got ", K);
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
 
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -306,15 +288,7 @@ at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const a
                                         double fraction, int64_t skip) {
   const at::Device dev = label_logprob.device();
   TORCH_CHECK(label_logprob.is_cuda(), "label_logprob must be a CUDA tensor for the CUDA kernel, got ", dev);
-  check_float_input(label_logprob, "label_logprob");
-  TORCH_CHECK(label_logprob.dim() == 2, "label_logprob must be 2-D [B, T], got shape ",
-              label_logprob.sizes());
-  check_same_device(labels, "labels", dev, "label_logprob");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == label_logprob.sizes(), "labels must have the shape of label_logprob ",
-              label_logprob.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(fraction >= 0.0 && fraction <= 1.0, "fraction must be in [0, 1], got ", fraction);
-  TORCH_CHECK(skip >= 0, "skip must be >= 0, got ", skip);
+  check_select_forget_positions_args(label_logprob, labels, fraction, skip);
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
   // positions are the low 32 bits of the sort keys
   TORCH_CHECK(T < (int64_t(1) << 32), "label_logprob has too many positions per row: ", T);
@@ -354,24 +328,8 @@ at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& top
                                int64_t variant, double top_p) {
   const at::Device dev = topk_ids.device();
   TORCH_CHECK(topk_ids.is_cuda(), "topk_ids must be a CUDA tensor for the CUDA kernel, got ", dev);
-  TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "topk_ids must be int64, got ", topk_ids.scalar_type());
-  TORCH_CHECK(topk_ids.dim() == 2, "topk_ids must be 2-D [N, K], got shape ", topk_ids.sizes());
-  check_same_device(topk_logprobs, "topk_logprobs", dev, "topk_ids");
-  check_same_device(labels, "labels", dev, "topk_ids");
-  check_same_device(forget_mask, "forget_mask", dev, "topk_ids");
-  check_float_input(topk_logprobs, "topk_logprobs");
-  TORCH_CHECK(topk_logprobs.sizes() == topk_ids.sizes(), "topk_logprobs must have the shape of topk_ids ",
-              topk_ids.sizes(), ", got ", topk_logprobs.sizes());
+  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.numel() == N, "labels must have N = ", N, " elements (shape [N]), got shape ",
-              labels.sizes());
-  TORCH_CHECK(forget_mask.scalar_type() == at::kBool, "forget_mask must be bool, got ",
-              forget_mask.scalar_type());
-  TORCH_CHECK(forget_mask.numel() == N, "forget_mask must have N = ", N, " elements (shape [N]), got shape ",
-              forget_mask.sizes());
-  TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (A) or 1 (B), got ", variant);
-  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));
   if (N == 0 || K == 0) return q;
