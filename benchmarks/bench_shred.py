@@ -1,11 +1,14 @@
 """SHRED's demoted top-K KL fused with the LM head, loss + backward, CPU fp32.
 
 N=4096 tokens, H=1024, V=32000, K=64 (override with LETHE_BENCH_SHRED="N,H,V,K"). Anchors in one
-run: the eager composition (logits, log_softmax, gather, KL, backward), a chunked pure-PyTorch
-version that computes the gradients in the forward pass (the approach of Liger-Kernel's chunked
-losses), and the machine's fp32 matmul throughput on the same three products (6*N*H*V flops).
-Peak extra memory of each variant is measured in a fresh subprocess (VmHWM, the peak RSS, minus
-the RSS after the inputs exist). Also: the teacher pass against logits + log_softmax + torch.topk.
+run: the eager composition (logits, log_softmax, gather, KL, backward), torch.compile of it, a
+chunked pure-PyTorch version that computes the gradients in the forward pass (the approach of
+Liger-Kernel's chunked losses), and the machine's fp32 matmul throughput on the same three
+products (6*N*H*V flops). Peak extra memory of each variant is measured in a fresh subprocess
+(VmHWM, the peak RSS, minus the RSS after the inputs exist; torch.compile's variant is compiled
+first and its peak reset, so that the compiler's own memory is not counted). Also: the teacher
+pass against logits + log_softmax + torch.topk. A frozen head (LoRA: only grad_hidden) is timed
+for lethe and eager.
 
     .venv/bin/python -m pytest -q -s -o python_files="bench_*.py" benchmarks/bench_shred.py
 """
@@ -96,8 +99,10 @@ def matmuls(hidden, weight, out):
     torch.mm(z.t(), h, out=gw)
 
 
+compiled_loss = torch.compile(eager_loss)
+
 VARIANTS = {"lethe": lethe_loss, "eager": eager_loss, "eager (logits kept)": eager_loss_logits_kept,
-            "chunked": chunked_loss}
+            "torch.compile": compiled_loss, "chunked": chunked_loss}
 # a frozen LM head (LoRA): only grad_hidden is wanted, 4*N*H*V flops
 FROZEN = {"lethe (frozen head)": lethe_loss, "eager (frozen head)": eager_loss}
 
@@ -174,6 +179,10 @@ def rss():
 def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, kept over exec)
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM'))
+if {name!r} == "torch.compile":
+    B.run_variant({name!r}, *inputs)  # compile first: the compiler's memory is not the loss's
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current RSS
 base = rss()
 B.run_variant({name!r}, *inputs)
 print((hwm() - base) / 2**30)
@@ -198,6 +207,7 @@ def test_report():
         "GFLOPs": {k: (flops * 2 / 3 if k in FROZEN else flops) / v / 1e9 for k, v in t.items() if "/" not in k},
         "speedup_vs_eager": t["eager"] / t["lethe"],
         "speedup_vs_chunked": t["chunked"] / t["lethe"],
+        "speedup_vs_compile": t.get("torch.compile", float("nan")) / t["lethe"],
         "fraction_of_matmul": t["matmuls"] / t["lethe"],
         "peak_extra_GiB": PEAKS,
         # grad_weight and grad_hidden (fp32) are outputs every variant must hold
@@ -212,7 +222,8 @@ def test_report():
     path = write_results("shred_cpu", report)
     print(f"\nfused top-K KL loss+backward N={N} H={H} V={V} K={K} (medians, s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    print(f"  {report['speedup_vs_eager']:.2f}x eager, {report['speedup_vs_chunked']:.2f}x chunked, "
+    print(f"  {report['speedup_vs_eager']:.2f}x eager, {report['speedup_vs_compile']:.2f}x torch.compile, "
+          f"{report['speedup_vs_chunked']:.2f}x chunked, "
           f"{report['GFLOPs']['lethe']:.0f} GFLOP/s = {100 * report['fraction_of_matmul']:.0f}% of the matmuls "
           f"({report['GFLOPs']['matmuls']:.0f} GFLOP/s)")
     print("  peak extra memory (GiB, incl. the gradients' own "
