@@ -3,8 +3,9 @@
 N tokens, H, V, K from LETHE_BENCH_SHRED_CUDA="N,H,V,K" (default 8192,4096,128256,64: a Llama-3
 head), dtype from LETHE_BENCH_DTYPE (bfloat16). Variants in one run: lethe's CUDA kernel, its
 Triton kernel, the eager composition, torch.compile of it, and the three GEMMs alone (z = h W^T,
-dh = dz W, dW = dz^T h in the same dtype: the matmul limit, 6 N H V flops). Peak memory: CUDA
-allocator peak above the inputs, per variant.
+dh = dz W, dW = dz^T h in the same dtype: the matmul limit, 6 N H V flops); and, for a frozen head
+(LoRA: only grad_hidden, 4 N H V flops), lethe's CUDA kernel and eager. Peak memory: CUDA allocator
+peak above the inputs, per variant.
 
     .venv/bin/python -m pytest -q -s -o python_files="bench_*.py" benchmarks/bench_shred_cuda.py
 """
@@ -47,12 +48,13 @@ VARIANTS = {
     "eager": eager_loss,
     "torch.compile": compiled_loss,
 }
+FROZEN = {"lethe-cuda (frozen head)": VARIANTS["lethe-cuda"], "eager (frozen head)": eager_loss}
 
 
-def step(fn, hidden, weight, ids, probs):
+def step(fn, hidden, weight, ids, probs, train_weight=True):
     h = hidden.detach().requires_grad_(True)
-    w = weight.detach().requires_grad_(True)
-    return torch.autograd.grad(fn(h, w, ids, probs), (h, w))
+    w = weight.detach().requires_grad_(train_weight)
+    return torch.autograd.grad(fn(h, w, ids, probs), (h, w) if train_weight else (h,))
 
 
 def cuda_time(fn, reps=5):
@@ -74,15 +76,15 @@ def inputs():
     return make_inputs()
 
 
-@pytest.mark.parametrize("impl", list(VARIANTS))
+@pytest.mark.parametrize("impl", list(VARIANTS) + list(FROZEN))
 def test_variant(impl, inputs):
-    fn = VARIANTS[impl]
+    fn, train = (FROZEN[impl], False) if impl in FROZEN else (VARIANTS[impl], True)
     try:
-        TIMES[impl] = cuda_time(lambda: step(fn, *inputs))
+        TIMES[impl] = cuda_time(lambda: step(fn, *inputs, train_weight=train))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(fn, *inputs)
+        step(fn, *inputs, train_weight=train)
         torch.cuda.synchronize()
         PEAKS[impl] = (torch.cuda.max_memory_allocated() - base) / 2**30
     except torch.OutOfMemoryError:
@@ -110,7 +112,7 @@ def test_report():
     t = TIMES
     report = {
         "shape": {"N": N, "H": H, "V": V, "K": K}, "dtype": str(DTYPE), "device": torch.cuda.get_device_name(),
-        "best_s": t, "TFLOPs": {k: flops / v / 1e12 for k, v in t.items()}, "peak_extra_GiB": PEAKS,
+        "best_s": t, "TFLOPs": {k: (flops * 2 / 3 if k in FROZEN else flops) / v / 1e12 for k, v in t.items()}, "peak_extra_GiB": PEAKS,
         "speedup_vs_eager": t["eager"] / t["lethe-cuda"],
         "speedup_vs_compile": t.get("torch.compile", float("nan")) / t["lethe-cuda"],
         "fraction_of_matmul": t["matmuls"] / t["lethe-cuda"],
