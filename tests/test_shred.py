@@ -3,6 +3,8 @@ reductions, opcheck, torch.compile, ShredLoss, the Hugging Face helper, and bad 
 import pytest
 import torch
 from torch import nn
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
 
 import lethe
 from lethe.nn import ShredLoss
@@ -211,12 +213,15 @@ def test_shred_loss_end_to_end_against_full_logits():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_compile_training_step_fullgraph(device):
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_compile_training_step_fullgraph(device, frozen_head):
     torch._dynamo.reset()
     torch.manual_seed(0)
     N, H, V, K = 24, 16, 40, 6
     model = nn.Sequential(nn.Linear(H, H), nn.Tanh()).to(device)
     head = nn.Linear(H, V).to(device)
+    if frozen_head:  # the traced forward must see the head's requires_grad (it skips grad_weight)
+        head.weight.requires_grad_(False)
     x = torch.randn(N, H, device=device)
     ids, lp, _ = R.teacher_topk_reference(x, head.weight.detach(), head.bias.detach(),
                                           torch.zeros(N, dtype=torch.long, device=device), K)
@@ -225,11 +230,26 @@ def test_compile_training_step_fullgraph(device):
     def step(x):
         return S.fused_linear_topk_kl(model(x), head.weight, ids, q, bias=head.bias, chunk_size=7)
 
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     eager = step(x)
-    ge = torch.autograd.grad(eager, list(model.parameters()) + list(head.parameters()))
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    ge = torch.autograd.grad(eager, params)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):  # aot_eager, keeping the traced forward and backward graphs
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     out = compiled(x)
-    gc = torch.autograd.grad(out, list(model.parameters()) + list(head.parameters()))
+    gc = torch.autograd.grad(out, params)
+    calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.lethe.fused_linear_topk_kl.default]
+    assert len(calls) == 1
+    names = [a.name for a in calls[0].target._schema.arguments]
+    bound = {**dict(zip(names, calls[0].args)), **calls[0].kwargs}
+    assert bound.get("grad_weight", True) is (not frozen_head)  # traced with the head's requires_grad
     torch.testing.assert_close(out, eager)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
