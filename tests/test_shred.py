@@ -326,7 +326,8 @@ def test_bad_input(call, exc, match):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_hf_causal_lm_helper(device):
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_hf_causal_lm_helper(device, frozen_head):
     import transformers  # a test dependency (make deps installs it)
     from lethe.integrations import hf
 
@@ -339,17 +340,24 @@ def test_hf_causal_lm_helper(device):
     batch = {"input_ids": torch.randint(0, 97, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     batch["attention_mask"][1, -2:] = 0
     batch = {k: v.to(device) for k, v in batch.items()}
+    if frozen_head:  # as under LoRA: the head gets no gradient, the rest of the model does
+        student.lm_head.weight.requires_grad_(False)
     loss_fn = ShredLoss(k=16, fraction=0.5, chunk_size=8)
     tg = hf.shred_targets(teacher, batch, loss_fn)
     assert tg.ids.shape == (2, 9, 16) and not tg.valid[1, -2:].any() and tg.ids.device.type == device
     loss = hf.shred_loss(student, batch, tg, loss_fn)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0  # the demoted label makes q differ from the teacher
-    assert student.lm_head.weight.grad is not None
-    # the same number from the model's own full logits
-    logits = student(**batch).logits[:, :-1].reshape(-1, 97).detach()
+    assert (student.lm_head.weight.grad is None) == frozen_head
+    grads = [p.grad.clone() for p in student.parameters() if p.requires_grad]
+    # the same number and gradients from the model's own full logits
+    student.zero_grad()
+    logits = student(**batch).logits[:, :-1].reshape(-1, 97)
     ref = R.topk_kl_reference(logits, tg.ids.reshape(-1, 16), tg.probs.reshape(-1, 16), tg.valid.reshape(-1))
-    torch.testing.assert_close(loss.detach(), ref, rtol=1e-4, atol=1e-5)
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-4, atol=1e-5)
+    for g, p in zip(grads, [p for p in student.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_reference_teacher_pass_is_the_same_in_chunks():
