@@ -213,7 +213,7 @@ def test_opcheck_triton_op(args):
     torch.library.opcheck(torch.ops.lethe.fake_quantize_triton.default, (x, *args))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter mishandles bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 4097])
 def test_fake_quantize_backward(n, dtype):
     import lethe  # noqa: F401  (registers lethe::fake_quantize_backward_triton)
