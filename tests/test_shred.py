@@ -99,16 +99,18 @@ def test_fused_backward_scales_by_the_incoming_gradient():
 
 
 class _FusedCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the (grad_hidden, grad_weight, grad_bias, check_values) of every fused op call."""
+    """Records the (grad_hidden, grad_weight, grad_bias, check_values) of every fused op call, and
+    whether it was given grad_row_scale (asked for any gradient at all)."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.scaled = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name.startswith("lethe::fused_linear_topk_kl"):
             names = [a.name for a in func._schema.arguments]
             bound = dict(zip(names, args), **(kwargs or {}))
+            self.scaled.append(bound["grad_row_scale"] is not None)
             self.calls.append(tuple(bound.get(n, a.default_value) for n, a in zip(names, func._schema.arguments)
                                     if n in ("grad_hidden", "grad_weight", "grad_bias", "check_values")))
         return func(*args, **(kwargs or {}))
@@ -143,6 +145,20 @@ def test_fused_computes_only_the_gradients_autograd_needs(backend, reduction, tr
         assert spy.calls[-1] == want + (False,)
     else:  # the gradients are computed in the forward pass, which checks the targets
         assert spy.calls == [want + (True,)]
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fused_computes_no_gradients_with_grad_mode_off(backend, reduction, mode):
+    # evaluation under no_grad: the loss only, though the parameters require grad
+    hidden, weight, b, labels, ids, q = _problem(N=11)
+    ps = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    with getattr(torch, mode)(), _FusedCalls() as spy:
+        out = S.fused_linear_topk_kl(ps[0], ps[1], ids, q, bias=ps[2], reduction=reduction, backend=backend)
+    assert spy.scaled == [False] and not out.requires_grad
+    ref = S.fused_linear_topk_kl(hidden, weight, ids, q, bias=b, reduction=reduction, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_all_positions_ignored_gives_zero_loss_and_gradient():

@@ -320,10 +320,14 @@ def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None,
         _check_target_values(tid, tpr, V)
         loss = ref.fused_linear_topk_kl_reference(h, weight, bias, tid, tpr, None, row_w, "none", normalize)
         return _reduce(loss, reduction, mask, N)
-    if reduction == "none":  # per-position gradients are only known in backward: recompute there
+    if reduction == "none" or not torch.is_grad_enabled():
+        # "none": per-position gradients are only known in backward, which recomputes them.
+        # Grad mode off (evaluation): no gradients to precompute, whatever requires grad.
         loss, _, _, _ = _backend.kernel_op("fused_linear_topk_kl", which)(h, weight, bias, tid, tpr, row_w,
                                                                          None, full, chunk)
-        return loss.reshape(hidden.shape[:-1])
+        if reduction == "none":
+            return loss.reshape(hidden.shape[:-1])
+        return _reduce(loss, reduction, mask, N)
     scale = 1.0 / _valid_count(mask, N, h.device) if reduction == "mean" else torch.tensor(1.0, device=h.device)
     return _FusedLinearTopkKL.apply(h, weight, bias, tid, tpr, row_w, scale, full, chunk, which)
 
