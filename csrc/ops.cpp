@@ -29,7 +29,8 @@ TORCH_LIBRARY(lethe, m) {
   m.def("topk_kl(Tensor logits, Tensor target_ids, Tensor target_probs, Tensor? row_weight, "
         "bool full_normalize) -> (Tensor, Tensor)");
   // Gradient wrt logits of sum_t grad_loss[t] * loss[t]. check_values=False skips the value
-  // checks of the targets (a host sync on GPUs): for autograd, whose forward made them.
+  // checks of the targets (a host sync on GPUs): for autograd, whose forward made them. (The CPU
+  // kernel still checks the ids' range, which costs it no sync.)
   m.def("topk_kl_backward(Tensor grad_loss, Tensor logits, Tensor target_ids, Tensor target_probs, "
         "Tensor lse, Tensor? row_weight, bool full_normalize, bool check_values=True) -> Tensor");
   // topk_kl on logits = hidden @ weight^T + bias, chunk_size tokens at a time, never holding

@@ -308,6 +308,13 @@ def test_check_values_false_skips_the_target_checks():
     _close(loss, ref_loss, 1e-4, 1e-5)
     _close(gh, ref_grad @ weight, 1e-4, 1e-4)
     _close(gw, ref_grad.t() @ hidden, 1e-4, 1e-4)
+    # the CPU kernels still check the ids' range (no sync here; out of range would read out of bounds)
+    bad = ids.clone()
+    bad[3, 1] = V
+    with pytest.raises(RuntimeError, match="target_ids must be in"):
+        OPS.topk_kl_backward(torch.ones(N), z, bad, q, lse, None, True, False)
+    with pytest.raises(RuntimeError, match="target_ids must be in"):
+        OPS.fused_linear_topk_kl(hidden, weight, None, bad, q, None, torch.ones(N), True, 4, check_values=False)
 
 
 # ------------------------------------------------------------------------------------------------

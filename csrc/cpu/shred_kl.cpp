@@ -104,9 +104,10 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 const at::Device kCPU(at::kCPU);
 
-// Values of the targets: ids in [0, V), probs >= 0 with each row summing to 1 (or exactly 0).
+// Values of the targets: ids in [0, V), and (with probs) probs >= 0 with each row summing to 1
+// (or exactly 0).
 void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t K, int64_t V,
-                          float tol) {
+                          float tol, bool probs) {
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   std::atomic<int64_t> bad_id{kNone}, bad_neg{kNone}, bad_sum{kNone};
   auto lower = [](std::atomic<int64_t>& a, int64_t v) {
@@ -127,6 +128,7 @@ void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t
                          s += qr[k];
                        }
                        if (!id_ok) lower(bad_id, r);
+                       if (!probs) continue;
                        if (!neg_ok) lower(bad_neg, r);
                        if (neg_ok && s != 0.0 && !(std::abs(s - 1.0) <= tol)) lower(bad_sum, r);
                      }
@@ -180,9 +182,10 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
   if (row_weight.has_value()) t.w = to_f32(*row_weight);
-  if (check_values)
-    check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
-                       shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16));
+  // ids are checked even without check_values: here that costs no sync, and a bad id would be
+  // read out of bounds
+  check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
+                       shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16), check_values);
   return t;
 }
 
