@@ -31,6 +31,7 @@
 #include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
 #include "lethe/shred.h"
+#include "lm_head.h"
 #include "vec.h"
 
 namespace lethe {
@@ -382,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
   }
 
   const at::Tensor h = hidden.contiguous();
-  const at::Tensor W = to_f32(weight);  // fp32 copy once per call when low precision
+  const at::Tensor W = weight.scalar_type() == at::kFloat ? weight.contiguous() : weight;
+  at::Tensor wbuf = cpu::head_buffer(weight);  // fp16/bf16: converted block by block, never whole
   const at::Tensor b = bias.has_value() ? to_f32(*bias) : at::Tensor();
   const at::Tensor srs = grads ? to_f32(*grad_row_scale) : at::Tensor();
   const bool h32 = hidden.scalar_type() == at::kFloat;
@@ -408,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     const int64_t c = std::min(C, N - s);
     at::Tensor z = zbuf.narrow(0, 0, c);
     const at::Tensor hc = h32 ? h.narrow(0, s, c) : h.narrow(0, s, c).to(at::kFloat);
-    at::mm_out(z, hc, W.t());
+    cpu::head_logits(z, hc, W, wbuf);
     fused_rows(z.mutable_data_ptr<float>(), bp, ids + s * K, q + s * K, w ? w + s : nullptr,
                grads ? srs.const_data_ptr<float>() + s : nullptr, c, V, K, full_normalize,
                lossp + s);
@@ -417,10 +419,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     if (want.h) {
       if (h32) {
         at::Tensor ghc = gh.narrow(0, s, c);
-        at::mm_out(ghc, z, W);
+        cpu::head_grad_hidden(ghc, z, W, wbuf);
       } else {
         at::Tensor tmp = gh32buf.narrow(0, 0, c);
-        at::mm_out(tmp, z, W);
+        cpu::head_grad_hidden(tmp, z, W, wbuf);
         gh.narrow(0, s, c).copy_(tmp);
       }
     }

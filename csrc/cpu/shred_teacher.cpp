@@ -23,6 +23,7 @@
 #include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
 #include "lethe/shred.h"
+#include "lm_head.h"
 #include "vec.h"
 
 namespace lethe {
@@ -133,10 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
   at::Tensor label_lp = at::empty({N}, hidden.options().dtype(at::kFloat));
   if (N == 0) return {ids, lp, label_lp};
 
-  // fp32 weight: used as is when it is already fp32; an fp16/bf16 weight is upcast once per call,
-  // a temporary of V*H*4 bytes (twice the weight's own size), e.g. 2.4 GB for V=150k, H=4096.
-  const at::Tensor w32 = weight.to(at::kFloat);
-  const at::Tensor wt = w32.t();  // [H, V] view, no copy
+  // an fp16/bf16 weight is converted to fp32 block by block (lm_head.h), never whole
+  at::Tensor wbuf = cpu::head_buffer(weight);
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
 
@@ -153,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
     const int64_t n = std::min(C, N - c0);
     const at::Tensor hc = hidden.narrow(0, c0, n).to(at::kFloat);  // a view for fp32
     at::Tensor z = scratch.narrow(0, 0, n);                          // contiguous rows
-    at::mm_out(z, hc, wt);
+    cpu::head_logits(z, hc, weight, wbuf);
     if (b32.defined()) z.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
     const float* z_p = z.const_data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
