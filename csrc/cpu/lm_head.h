@@ -23,20 +23,28 @@ inline at::Tensor head_buffer(const at::Tensor& weight) {
   return at::empty({std::min(rows, weight.size(0)), weight.size(1)}, weight.options().dtype(at::kFloat));
 }
 
+// fn(v0, vb, wb) for each block of weight rows [v0, v0 + vb), wb their fp32 copy in buf.
+template <typename Fn>
+void for_each_block(const at::Tensor& weight, at::Tensor& buf, Fn fn) {
+  const int64_t V = weight.size(0), block = buf.size(0);
+  for (int64_t v0 = 0; v0 < V; v0 += block) {
+    const int64_t vb = std::min(block, V - v0);
+    at::Tensor wb = buf.narrow(0, 0, vb);
+    wb.copy_(weight.narrow(0, v0, vb));
+    fn(v0, vb, wb);
+  }
+}
+
 // z [c, V] (row stride V) = h [c, H] fp32 @ weight^T.
 inline void head_logits(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight, at::Tensor& buf) {
   if (!buf.defined()) {
     at::mm_out(z, h, weight.t());
     return;
   }
-  const int64_t V = weight.size(0), block = buf.size(0);
-  for (int64_t v0 = 0; v0 < V; v0 += block) {
-    const int64_t vb = std::min(block, V - v0);
-    at::Tensor wb = buf.narrow(0, 0, vb);
-    wb.copy_(weight.narrow(0, v0, vb));
+  for_each_block(weight, buf, [&](int64_t v0, int64_t vb, const at::Tensor& wb) {
     at::Tensor zb = z.narrow(1, v0, vb);  // strided: the GEMM writes it in place (ldc = V)
     at::mm_out(zb, h, wb.t());
-  }
+  });
 }
 
 // out [c, H] fp32 = g [c, V] fp32 @ weight.
@@ -45,16 +53,12 @@ inline void head_grad_hidden(at::Tensor& out, const at::Tensor& g, const at::Ten
     at::mm_out(out, g, weight);
     return;
   }
-  const int64_t V = weight.size(0), block = buf.size(0);
-  for (int64_t v0 = 0; v0 < V; v0 += block) {
-    const int64_t vb = std::min(block, V - v0);
-    at::Tensor wb = buf.narrow(0, 0, vb);
-    wb.copy_(weight.narrow(0, v0, vb));
+  for_each_block(weight, buf, [&](int64_t v0, int64_t vb, const at::Tensor& wb) {
     if (v0 == 0)
       at::mm_out(out, g.narrow(1, 0, vb), wb);
     else
       out.addmm_(g.narrow(1, v0, vb), wb);
-  }
+  });
 }
 
 }  // namespace cpu
