@@ -364,23 +364,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     bool full_normalize, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias,
     bool check_values) {
   check_cpu(hidden, "hidden");
-  check_linear_head(hidden, weight, bias);
+  const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, grad_row_scale, chunk_size,
+                                                        grad_hidden, grad_weight, grad_bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  check_row_vector(grad_row_scale, "grad_row_scale", N, kCPU, "the CPU kernel");
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
-  const shred::GradMask want(grad_row_scale.has_value(), grad_hidden, grad_weight, grad_bias && bias.has_value());
   const bool grads = want.any();
-
-  const auto opt = at::TensorOptions().dtype(hidden.scalar_type());
   at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
-  at::Tensor gh = at::empty({0}, opt), gW = at::empty({0}, opt), gb = at::empty({0}, opt);
-  if (N == 0) {
-    if (want.h) gh = at::empty({0, H}, opt);
-    if (want.w) gW = at::zeros({V, H}, weight.options());
-    if (want.b) gb = at::zeros({V}, bias->options());
-    return {loss, gh, gW, gb};
-  }
+  if (N == 0) return fused_result(loss, want, hidden, weight, bias);
 
   const at::Tensor h = hidden.contiguous();
   const at::Tensor W = weight.scalar_type() == at::kFloat ? weight.contiguous() : weight;
@@ -391,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
 
   const int64_t C = std::min(chunk_size, N);
   at::Tensor zbuf = cached_empty({C, V}, at::kFloat);
-  at::Tensor gW32, gb32, gh32buf;
+  at::Tensor gh, gW32, gb32, gh32buf;
   if (want.h) {
     gh = cached_empty({N, H}, hidden.scalar_type());
     if (!h32) gh32buf = cached_empty({C, H}, at::kFloat);
@@ -434,9 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     }
   }
 
-  if (want.w) gW = weight.scalar_type() == at::kFloat ? gW32 : gW32.to(weight.scalar_type());
-  if (want.b) gb = bias->scalar_type() == at::kFloat ? gb32 : gb32.to(bias->scalar_type());
-  return {loss, gh, gW, gb};
+  return fused_result(loss, want, hidden, weight, bias, gh, want.w ? grad_as(gW32, weight) : at::Tensor(),
+                      want.b ? grad_as(gb32, *bias) : at::Tensor());
 }
 
 }  // namespace

@@ -323,24 +323,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
     bool check_values) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
-  check_linear_head(hidden, weight, bias);
+  const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, grad_row_scale, chunk_size,
+                                                        grad_hidden, grad_weight, grad_bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  check_row_vector(grad_row_scale, "grad_row_scale", N, dev, "hidden");
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const c10::cuda::CUDAGuard guard(dev);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, dev, "hidden", check_values);
-  const shred::GradMask want(grad_row_scale.has_value(), grad_hidden, grad_weight, grad_bias && bias.has_value());
   const bool grads = want.any();
   const auto opt = hidden.options();
-
   at::Tensor loss = at::empty({N}, opt.dtype(at::kFloat));
-  at::Tensor gh = at::empty({0}, opt), gW = at::empty({0}, opt), gb = at::empty({0}, opt);
-  if (N == 0) {
-    if (want.h) gh = at::empty({0, H}, opt);
-    if (want.w) gW = at::zeros({V, H}, weight.options());
-    if (want.b) gb = at::zeros({V}, bias->options());
-    return {loss, gh, gW, gb};
-  }
+  if (N == 0) return fused_result(loss, want, hidden, weight, bias);
 
   // GEMM dtype: the inputs' when they agree (tensor cores for fp16/bf16), otherwise fp32
   const at::ScalarType gt = hidden.scalar_type() == weight.scalar_type() ? hidden.scalar_type() : at::kFloat;
@@ -353,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
 
   const int64_t C = std::min(chunk_size, N);
   at::Tensor z = at::empty({C, V}, opt.dtype(at::kFloat));
-  at::Tensor glow, gh32, gW32, gb32, gk;
+  at::Tensor glow, gh, gh32, gW32, gb32, gk;
   if (grads) {
     // G rounded for the gradient GEMMs
     if (!f32 && (want.h || want.w)) glow = at::empty({C, V}, opt.dtype(gt));
@@ -397,9 +388,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_
       cuda::gemm_f32out(true, false, V, H, c, 1.0f, G, V, hc, H, gt, s == 0 ? 0.0f : 1.0f,
                         gW32.mutable_data_ptr<float>(), H);
   }
-  if (want.w) gW = weight.scalar_type() == at::kFloat ? gW32 : gW32.to(weight.scalar_type());
-  if (want.b) gb = bias->scalar_type() == at::kFloat ? gb32 : gb32.to(bias->scalar_type());
-  return {loss, gh, gW, gb};
+  return fused_result(loss, want, hidden, weight, bias, gh, want.w ? grad_as(gW32, weight) : at::Tensor(),
+                      want.b ? grad_as(gb32, *bias) : at::Tensor());
 }
 
 }  // namespace

@@ -3,10 +3,13 @@
 // the same things first with friendlier wording; these guard direct torch.ops.lethe.* calls.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 // Dispatch over the three accepted float dtypes only (no double instantiations).
 #define LETHE_DISPATCH_FLOATS(TYPE, NAME, ...)                   \
@@ -163,6 +166,51 @@ inline void check_demote_targets_args(const at::Tensor& topk_ids, const at::Tens
               forget_mask.sizes());
   TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (A) or 1 (B), got ", variant);
   TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
+}
+
+// ---- fused_linear_topk_kl: the arguments and output conventions both backends share.
+
+// Which gradients a call computes: none without grad_row_scale, a bias gradient only with a bias.
+struct GradMask {
+  bool h, w, b;
+  bool any() const { return h || w || b; }
+};
+
+// The checks after the backend's own device check of hidden; returns the gradients to compute.
+inline GradMask check_fused_linear_topk_kl_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& grad_row_scale,
+                                                int64_t chunk_size, bool grad_hidden, bool grad_weight,
+                                                bool grad_bias) {
+  check_linear_head(hidden, weight, bias);
+  check_row_vector(grad_row_scale, "grad_row_scale", hidden.size(0), hidden.device(), "hidden");
+  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  const bool scaled = grad_row_scale.has_value();
+  return GradMask{scaled && grad_hidden, scaled && grad_weight,
+                  scaled && grad_bias && bias.has_value() && bias->defined()};
+}
+
+using FusedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (loss, grad_hidden, grad_weight, grad_bias) with every gradient not asked for an empty [0]
+// tensor of hidden's dtype; for N = 0 the asked-for ones are [0, H] and zero [V, H] / [V].
+inline FusedResult fused_result(const at::Tensor& loss, const GradMask& want, const at::Tensor& hidden,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                at::Tensor gh = {}, at::Tensor gw = {}, at::Tensor gb = {}) {
+  const bool empty = hidden.size(0) == 0;
+  auto none = [&] { return at::empty({0}, hidden.options()); };
+  if (!want.h) gh = none();
+  else if (empty) gh = at::empty({0, hidden.size(1)}, hidden.options());
+  if (!want.w) gw = none();
+  else if (empty) gw = at::zeros(weight.sizes(), weight.options());
+  if (!want.b) gb = none();
+  else if (empty) gb = at::zeros(bias->sizes(), bias->options());
+  return {loss, gh, gw, gb};
+}
+
+// An fp32 accumulator as the gradient of `like` (in like's dtype).
+inline at::Tensor grad_as(const at::Tensor& acc32, const at::Tensor& like) {
+  return like.scalar_type() == at::kFloat ? acc32 : acc32.to(like.scalar_type());
 }
 
 }  // namespace lethe

@@ -15,15 +15,6 @@ constexpr int64_t kIgnoreIndex = -100;
 // target_sum_tol in shred_reference.py).
 inline float target_sum_tol(bool bfloat16) { return bfloat16 ? 7.8125e-3f : 1e-3f; }
 
-// Which gradients fused_linear_topk_kl computes: none without grad_row_scale, and a bias
-// gradient only when there is a bias.
-struct GradMask {
-  bool h, w, b;
-  GradMask(bool scale, bool hidden, bool weight, bool bias)
-      : h(scale && hidden), w(scale && weight), b(scale && bias) {}
-  bool any() const { return h || w || b; }
-};
-
 // One term of KL(q || p) with log p = zk - lse; 0 where q == 0 (0 log 0 = 0).
 LETHE_HD float kl_term(float q, float zk, float lse) {
   return q > 0.0f ? q * logf(q) - q * (zk - lse) : 0.0f;
