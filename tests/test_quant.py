@@ -366,6 +366,17 @@ def test_spec_group_length():
 
 # ---- fake_quantize_backward: the clipped STE's select, as its own op ----
 
+def ste_backward_case(n, dtype):
+    """(grad [n], mask [n]) for the GPU tests of the select: a NaN gradient at a masked-out
+    position, which must become 0."""
+    g = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=g).to(dtype)
+    grad[0] = float("nan")
+    mask = torch.rand(n, generator=g) < 0.5
+    mask[0] = False
+    return grad, mask
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (2, 65537), (4, 4, 33)])
 def test_fake_quantize_backward_matches_where(shape, dtype):

@@ -12,6 +12,7 @@ import torch
 
 import lethe  # noqa: F401  (loads lethe._C, which registers torch.ops.lethe.*)
 from lethe.ops.quant_reference import NF4_LEVELS, fake_quantize_codes
+from test_quant import ste_backward_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -258,11 +259,7 @@ def test_bad_args():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 255, 256, 1000003])
 def test_fake_quantize_backward(n, dtype):
-    g = torch.Generator().manual_seed(n)
-    grad = torch.randn(n, generator=g).to(dtype)
-    grad[0] = float("nan")  # a NaN gradient where the mask is false must become 0
-    mask = torch.rand(n, generator=g) < 0.5
-    mask[0] = False
+    grad, mask = ste_backward_case(n, dtype)
     out = torch.ops.lethe.fake_quantize_backward(grad.cuda(), mask.cuda())
     assert out.device.type == "cuda" and out.dtype == dtype
     assert torch.equal(out.cpu(), torch.ops.lethe.fake_quantize_backward(grad, mask))

@@ -7,6 +7,7 @@ this Triton stores (triton_util.as_stored)."""
 import pytest
 import torch
 
+from test_quant import ste_backward_case
 from triton_util import DEVICE, as_stored, assert_kernels_run_where_they_can
 from lethe.ops.quant_reference import fake_quantize_codes
 from lethe.triton_kernels import quant as tq
@@ -218,11 +219,7 @@ def test_opcheck_triton_op(args):
 def test_fake_quantize_backward(n, dtype):
     import lethe  # noqa: F401  (registers lethe::fake_quantize_backward_triton)
 
-    g = torch.Generator().manual_seed(n)
-    grad = torch.randn(n, generator=g).to(dtype)
-    grad[0] = float("nan")  # a NaN gradient where the mask is false must become 0
-    mask = torch.rand(n, generator=g) < 0.5
-    mask[0] = False
+    grad, mask = ste_backward_case(n, dtype)
     out = tq.fake_quantize_backward(grad.to(DEVICE), mask.to(DEVICE))
     assert out.dtype == dtype and out.shape == (n,)
     assert torch.equal(out.cpu(), torch.where(mask, grad, torch.zeros((), dtype=dtype)))
