@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lethe
-from conftest import write_results
+from conftest import cuda_time, write_results
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,20 +44,6 @@ VARIANTS = {
 }
 
 
-def cuda_time(fn, reps=20):
-    fn()  # warm-up (and compilation)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[reps // 2]
-
-
 @pytest.fixture(scope="module")
 def data():
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -69,14 +55,15 @@ def data():
 def test_variant(impl, data):
     x, gy = data
     fn = VARIANTS[impl]
-    TIMES[impl] = cuda_time(lambda: torch.autograd.grad(fn(x), x, gy))
+    TIMES[impl] = cuda_time(lambda: torch.autograd.grad(fn(x), x, gy), reps=20)
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_clipped_ste(backend, data):
     x, gy = data
     TIMES[f"lethe-{backend}/clipped"] = cuda_time(
-        lambda: torch.autograd.grad(lethe.fake_quantize(x, "int4-g128", ste="clipped", backend=backend), x, gy))
+        lambda: torch.autograd.grad(lethe.fake_quantize(x, "int4-g128", ste="clipped", backend=backend), x, gy),
+        reps=20)
 
 
 def test_same_quantiser(data):
@@ -91,7 +78,7 @@ def test_same_quantiser(data):
 def test_copy_bandwidth(data):
     x, _ = data
     src, dst = x.detach().clone(), torch.empty_like(x)
-    TIMES["copy"] = cuda_time(lambda: dst.copy_(src))
+    TIMES["copy"] = cuda_time(lambda: dst.copy_(src), reps=20)
 
 
 def test_report():

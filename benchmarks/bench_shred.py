@@ -169,23 +169,17 @@ def test_teacher_pass(benchmark, inputs):
 
 
 _PEAK_CODE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {bench_dir!r})
 import bench_shred as B
+from conftest import peak_rss, reset_peak_rss, rss
 inputs = B.make_inputs()
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, kept over exec)
-    with open('/proc/self/status') as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM'))
 if {name!r} == "torch.compile":
     B.run_variant({name!r}, *inputs)  # compile first: the compiler's memory is not the loss's
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # resets VmHWM to the current RSS
+    reset_peak_rss()
 base = rss()
 B.run_variant({name!r}, *inputs)
-print((hwm() - base) / 2**30)
+print((peak_rss() - base) / 2**30)
 """
 
 

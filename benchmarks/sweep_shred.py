@@ -25,19 +25,14 @@ os.environ["LETHE_BENCH_SHRED"] = f"{N},1024,{V},64"
 sys.path.insert(0, sys.argv[5])
 import torch
 import bench_shred as B
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-def hwm():
-    with open('/proc/self/status') as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM'))
+from conftest import peak_rss, rss
 inputs = B.make_inputs()
 base = rss()
 try:
     t = time.perf_counter()
     B.step(B.VARIANTS[impl], *inputs)
     t = time.perf_counter() - t
-    print("RESULT", t, (hwm() - base) / 2**30)
+    print("RESULT", t, (peak_rss() - base) / 2**30)
 except (RuntimeError, MemoryError) as e:
     print("OOM", str(e).splitlines()[0][:120])
 """
