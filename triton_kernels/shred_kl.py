@@ -27,6 +27,7 @@ grad_bias += z.sum(0), all in fp32; the gradients are cast to the input dtypes a
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -202,6 +203,38 @@ def _check_vec(t, name, n, device):
         raise ValueError(f"{name} must have shape [N] = [{n}], got {tuple(t.shape)}")
 
 
+def _check_linear_head(hidden, weight, bias):
+    """hidden float [N, H], weight float [V, H] with V >= 1, bias float [V] or None, all on
+    hidden's device (csrc/include/lethe/checks.h: check_linear_head)."""
+    _check_float(hidden, "hidden")
+    _check_float(weight, "weight")
+    dev = hidden.device
+    _check_device(weight, "weight", dev)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    h, v = hidden.shape[1], weight.shape[0]
+    if weight.shape[1] != h:
+        raise ValueError(f"weight must have H = {h} columns: weight must have shape [V, {h}] (H is "
+                         f"hidden's last dimension), got {tuple(weight.shape)}")
+    if v < 1:
+        raise ValueError(f"weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_float(bias, "bias")
+        _check_device(bias, "bias", dev)
+        if bias.dim() != 1 or bias.shape[0] != v:
+            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
+
+
+def _check_chunk_size(chunk_size):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
+
+
 def _check_logits(logits):
     _check_float(logits, "logits")
     if logits.dim() != 2:
@@ -316,30 +349,11 @@ def fused_linear_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     """(loss [N] fp32, grad_hidden, grad_weight, grad_bias) of topk_kl on hidden @ weight^T + bias,
     chunk_size rows at a time. The gradients (of sum_t grad_row_scale[t] * loss[t]) asked for are
     computed when grad_row_scale is given; every other one is an empty [0] tensor of hidden's dtype."""
-    _check_float(hidden, "hidden")
-    _check_float(weight, "weight")
+    _check_linear_head(hidden, weight, bias)
     dev = hidden.device
-    _check_device(weight, "weight", dev)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, H], got {hidden.dim()}-D")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, H], got {weight.dim()}-D")
-    n, h = hidden.shape
-    v = weight.shape[0]
-    if weight.shape[1] != h:
-        raise ValueError(f"weight must have shape [V, H] with H = {h} (hidden's last dimension), "
-                         f"got {tuple(weight.shape)}")
-    if v < 1:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if bias is not None:
-        _check_float(bias, "bias")
-        _check_device(bias, "bias", dev)
-        if bias.dim() != 1 or bias.shape[0] != v:
-            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
+    (n, h), v = hidden.shape, weight.shape[0]
     _check_vec(grad_row_scale, "grad_row_scale", n, dev)
-    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk_size = int(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     ids, q, w = _prepare_targets(target_ids, target_probs, row_weight, n, v, dev, check_values)
     scaled = grad_row_scale is not None
     want_h, want_w = scaled and grad_hidden, scaled and grad_weight

@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lethe.triton_kernels.shred_kl import NEG_INF, _check_device, _check_float, _check_tensor, _row_lse
+from lethe.triton_kernels.shred_kl import (NEG_INF, _check_chunk_size, _check_device, _check_float,
+                                           _check_linear_head, _check_tensor, _row_lse)
 
 # Tunables, read at call time (tests lower them to exercise several tiles at small sizes).
 BLOCK_V_MAX = 4096  # teacher_topk: vocabulary tile (power of two)
@@ -255,27 +256,9 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """(topk_ids [N,K] int64, topk_logprobs [N,K] fp32, label_logprob [N] fp32) of the logits
     hidden @ weight^T + bias: ids by logit descending, ties by ascending id; log-probs over the
     full vocabulary; label_logprob 0 where labels == -100. chunk_size rows at a time."""
-    _check_float(hidden, "hidden")
+    _check_linear_head(hidden, weight, bias)
     dev = hidden.device
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
-    _check_float(weight, "weight")
-    _check_device(weight, "weight", dev)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
-    n, h = hidden.shape
-    if weight.shape[1] != h:
-        raise ValueError(f"weight must have H = {h} columns (hidden's last dimension), "
-                         f"got shape {tuple(weight.shape)}")
-    v = weight.shape[0]
-    if v < 1:
-        raise ValueError(f"weight must have at least one row (vocabulary size >= 1), "
-                         f"got shape {tuple(weight.shape)}")
-    if bias is not None:
-        _check_float(bias, "bias")
-        _check_device(bias, "bias", dev)
-        if bias.dim() != 1 or bias.shape[0] != v:
-            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
+    n, v = hidden.shape[0], weight.shape[0]
     _check_long(labels, "labels")
     _check_device(labels, "labels", dev)
     if labels.dim() != 1 or labels.shape[0] != n:
@@ -283,9 +266,7 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     k = _check_int(k, "k")
     if not 1 <= k <= v:
         raise ValueError(f"k must be in [1, V] = [1, {v}], got {k}")
-    chunk_size = _check_int(chunk_size, "chunk_size")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _check_chunk_size(chunk_size)
     lab = labels.detach().contiguous()
     if n:
         bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= v))
