@@ -33,40 +33,10 @@ def build_info() -> dict:
     return info
 
 
-def has_op(op: str) -> bool:
-    """Whether the loaded library declares lethe::<op> (an out-of-date build may not)."""
-    if _C is None:
-        return False
-    try:
-        getattr(torch.ops.lethe, op)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether the compiled library registered lethe::<op> for a dispatch key ("CPU", "CUDA")."""
-    return has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"lethe::{op}", dispatch_key)
-
-
-_stale_warned = False
-
-
-def register(op: str, fake, backward=None, setup_context=None) -> bool:
-    """Register the fake kernel (and autograd) of a compiled op from Python. A library built from
-    older sources lacks newer ops: warn once, and those ops run their reference."""
-    global _stale_warned
-    if not has_op(op):
-        if _C is not None and not _stale_warned:
-            _stale_warned = True
-            warnings.warn(f"lethe: the compiled library has no lethe::{op} (built from older sources?); "
-                          "such ops run their pure-PyTorch reference. Rebuild to use the kernels.",
-                          RuntimeWarning, stacklevel=3)
-        return False
-    torch.library.register_fake(f"lethe::{op}")(fake)
-    if backward is not None:
-        torch.library.register_autograd(f"lethe::{op}", backward, setup_context=setup_context)
-    return True
+    """Whether the compiled library registered a kernel of lethe::<op> for a dispatch key ("CPU",
+    "CUDA")."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lethe::{op}", dispatch_key)
 
 
 def cpu_cache_info() -> dict:
@@ -78,3 +48,16 @@ def empty_cpu_cache() -> None:
     """Free the CPU output buffers the cache holds (those of live tensors are untouched)."""
     if _C is not None:
         _C.cpu_cache_release()
+
+
+def check_errors(device=None) -> None:
+    """Raise the first bad input that a CUDA kernel of lethe found on `device` (default: the
+    current one) since the last check, after waiting for the device. The CUDA kernels check the
+    values in tensors (target ids and probabilities, labels) without a host sync, so such an
+    error is raised here or at the next lethe call on that device; with LETHE_SYNC_CHECKS=1 every
+    CUDA op waits for its kernels and raises at the call itself. A no-op without CUDA."""
+    if _C is None or not build_info()["cuda"] or not torch.cuda.is_available():
+        return
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    if dev.type == "cuda":
+        _C.check_errors(torch.cuda.current_device() if dev.index is None else dev.index, True)

@@ -10,7 +10,7 @@ import torch
 def report() -> str:
     import lethe
     from lethe import _lib
-    from lethe.ops import _backend, OPS
+    from lethe.ops import OPS, _backend
 
     lines = [f"lethe {lethe.__version__}", f"python {platform.python_version()}",
              f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
@@ -29,10 +29,10 @@ def report() -> str:
         lines.append(f"compiled library: not loaded ({info['error']}); ops use the reference")
     lines.append(f"default backend: {_backend.get_backend()} (LETHE_BACKEND)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for op, kinds in OPS.items():
-        kernels = [k for k in ("CPU", "CUDA") if _lib.has_kernel(op, k)]
+    for op, decl in OPS.items():
+        built = "/".join(k for k in ("CPU", "CUDA") if _lib.has_kernel(op, k)) or "none"
         picks = ", ".join(f"{d} -> {_backend._resolve(op, d, _backend.get_backend())}" for d in devices)
-        lines.append(f"op {op}: kernels {'/'.join(kinds)}; compiled here {kernels or 'none'}; {picks}")
+        lines.append(f"op {op}: kernels {'/'.join(decl.backends)}; compiled here {built}; {picks}")
     return "\n".join(lines)
 
 

@@ -38,10 +38,6 @@ def triton_available() -> bool:
     return module_exists("triton")
 
 
-# Ops that have a Triton implementation registered (each op module adds its own at import).
-TRITON_OPS: set = set()
-
-
 def module_exists(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -53,16 +49,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
-    """The backend that runs op for tensors on x's device."""
+def resolve(op, x: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that runs op (an Op of lethe.ops._op, or its name) for tensors on x's device."""
     name = _check_name(backend if backend is not None else _default, "backend")
-    return _resolve(op, x.device.type, name)
-
-
-def kernel_op(op: str, which: str):
-    """The op that runs `which` ("native" or "triton") of lethe::<op>: the compiled op itself, or
-    its Triton twin lethe::<op>_triton (same schema, fake kernel and autograd)."""
-    return getattr(torch.ops.lethe, op if which == "native" else f"{op}_triton")
+    return _resolve(op if isinstance(op, str) else op.name, x.device.type, name)
 
 
 _resolved: dict = {}
@@ -78,9 +68,12 @@ def _resolve(op: str, dev: str, name: str) -> str:
 
 
 def _choose(op: str, dev: str, name: str) -> str:
-    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(dev)
-    native = key is not None and (dev == "meta" and _lib.has_op(op) or _lib.has_kernel(op, key or ""))
-    triton_ok = (op in TRITON_OPS and triton_available()
+    from lethe.ops._op import OPS
+
+    decl = OPS[op]
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev)
+    native = decl.defined and (dev == "meta" or key is not None and _lib.has_kernel(op, key))
+    triton_ok = (decl.triton is not None and triton_available()
                  and (dev in ("cuda", "xpu") or (dev == "cpu" and triton_interpreted())))
     if name == "native":
         if not native:
@@ -93,7 +86,7 @@ def _choose(op: str, dev: str, name: str) -> str:
         if not triton_ok:
             raise RuntimeError(
                 f"backend='triton' cannot run {op} on device {dev!r}: "
-                + ("it has no Triton kernel" if op not in TRITON_OPS else
+                + ("it has no Triton kernel" if decl.triton is None else
                    "Triton is not installed" if not triton_available() else
                    "Triton runs on GPUs, or on CPU tensors only under TRITON_INTERPRET=1")
             )

@@ -16,9 +16,10 @@ from typing import Optional, Union
 
 import torch
 
-from lethe import _lib
 from lethe.ops import _backend
-from lethe.ops.quant_reference import fake_quantize_reference
+from lethe.ops import checks as C
+from lethe.ops._op import define_op
+from lethe.ops.quant_reference import fake_quantize_reference, nf4_tables
 
 __all__ = ["QuantSpec", "PRESETS", "quant_spec", "fake_quantize"]
 
@@ -164,14 +165,41 @@ def fake_quantize(
                       symmetric=symmetric, scale_rule=scale_rule, codebook=codebook)
     L = spec.group_length(x)
     args = (L, spec.bits, CODEBOOKS[spec.codebook], spec.symmetric, spec.scale_div)
-    which = _backend.resolve("fake_quantize", x, backend)
+    which = _backend.resolve(FAKE_QUANTIZE, x, backend)
     if which == "reference":
+        check_fake_quantize(x, *args, ste == "clipped", values=True)
         return fake_quantize_reference(x, *args, ste=ste)
-    y, _ = _backend.kernel_op("fake_quantize", which)(x, *args, ste == "clipped")
+    y, _ = FAKE_QUANTIZE.kernel(which)(x, *args, ste == "clipped")
     return y
 
 
-# ---- registration: fake kernels and autograd for the compiled op and the Triton op ----
+# ---- the ops: lethe::fake_quantize and lethe::fake_quantize_backward ----
+
+def check_fake_quantize(x, group_size, bits, codebook, symmetric, scale_div, return_mask, values=False):
+    """The op's argument checks (csrc/include/lethe/quant_checks.h words them the same way)."""
+    C.float_tensor(x, "x")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if x.numel() % group_size != 0:
+        raise ValueError(f"group_size ({group_size}) must divide the number of elements of x ({x.numel()})")
+    if codebook not in (0, 1):
+        raise ValueError(f"codebook must be 0 (int) or 1 (nf4), got {codebook}")
+    if codebook == 1:
+        if bits != 4:
+            raise ValueError(f"bits must be 4 for the nf4 codebook, got {bits}")
+    elif not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits}")
+    elif symmetric and not (0.0 < scale_div < float("inf")):
+        raise ValueError(f"scale_div must be a positive finite number, got {scale_div:g}")
+
+
+def check_fake_quantize_backward(grad, mask, values=False):
+    C.float_tensor(grad, "grad")
+    C.dtype_tensor(mask, "mask", torch.bool)
+    if mask.shape != grad.shape:
+        raise ValueError(f"mask must have grad's shape {C.shape(grad)}, got {C.shape(mask)}")
+    C.same_device(mask, "mask", grad, "grad")
+
 
 def _fake(x, group_size, bits, codebook, symmetric, scale_div, return_mask):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -179,71 +207,53 @@ def _fake(x, group_size, bits, codebook, symmetric, scale_div, return_mask):
     return y, mask
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.clipped = inputs[-1]
+def _setup_context(ctx, args, output):
+    ctx.clipped = args["return_mask"]
     ctx.save_for_backward(output[1] if ctx.clipped else None)
 
 
-def _ste_backward_reference(grad, mask):
-    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-
-
-def _backward_with(which):
-    """Backward of fake_quantize (native or Triton): the clipped STE's select runs as the op
-    fake_quantize_backward of the same backend; torch.where would allocate a fresh output, whose
-    first-touch page faults on CPU cost several times the select."""
-    # decided once: the Triton twin always exists beside the Triton forward; the compiled op
-    # may be missing from a library built from older sources
-    op = (_backend.kernel_op("fake_quantize_backward", which)
-          if which == "triton" or _lib.has_op("fake_quantize_backward") else _ste_backward_reference)
-
-    def backward(ctx, grad_y, grad_mask):
-        if ctx.clipped:
-            (mask,) = ctx.saved_tensors
-            grad_y = op(grad_y, mask)
-        return grad_y, None, None, None, None, None, None
-    return backward
-
-
-def _fake_backward_op(grad, mask):
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
-
-
-def _backward_op_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _backward_op_backward_with(which):
-    def backward(ctx, gg):  # linear in grad: the same select
+def _backward(ctx, which, grad_y, grad_mask):
+    # the clipped STE's select runs as the op fake_quantize_backward of the same backend:
+    # torch.where would allocate a fresh output, whose first-touch page faults on CPU cost
+    # several times the select
+    if ctx.clipped:
         (mask,) = ctx.saved_tensors
-        return _backend.kernel_op("fake_quantize_backward", which)(gg, mask), None
-    return backward
+        grad_y = FAKE_QUANTIZE_BACKWARD.kernel(which)(grad_y, mask)
+    return {"x": grad_y}
 
 
-_lib.register("fake_quantize", _fake, _backward_with("native"), _setup_context)
-_lib.register("fake_quantize_backward", _fake_backward_op, _backward_op_backward_with("native"),
-              _backward_op_setup)
+def _backward_op_setup(ctx, args, output):
+    ctx.save_for_backward(args["mask"])
 
-if _backend.triton_available() and _backend.module_exists("lethe.triton_kernels.quant"):
 
-    @torch.library.custom_op("lethe::fake_quantize_triton", mutates_args=())
-    def _fake_quantize_triton(
-        x: torch.Tensor, group_size: int, bits: int, codebook: int, symmetric: bool,
-        scale_div: float, return_mask: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from lethe.triton_kernels.quant import fake_quantize as kernel
+def _backward_op_backward(ctx, which, gg):  # linear in grad: the same select
+    (mask,) = ctx.saved_tensors
+    return {"grad": FAKE_QUANTIZE_BACKWARD.kernel(which)(gg, mask)}
 
-        return kernel(x, group_size, bits, codebook, symmetric, scale_div, return_mask)
 
-    @torch.library.custom_op("lethe::fake_quantize_backward_triton", mutates_args=())
-    def _fake_quantize_backward_triton(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from lethe.triton_kernels.quant import fake_quantize_backward as kernel
+_NF4: dict = {}
 
-        return kernel(grad, mask)
 
-    _fake_quantize_triton.register_fake(_fake)
-    _fake_quantize_triton.register_autograd(_backward_with("triton"), setup_context=_setup_context)
-    _fake_quantize_backward_triton.register_fake(_fake_backward_op)
-    _fake_quantize_backward_triton.register_autograd(_backward_op_backward_with("triton"),
-                                                     setup_context=_backward_op_setup)
-    _backend.TRITON_OPS.update({"fake_quantize", "fake_quantize_backward"})
+def _nf4_tables(x, *_):
+    """The NF4 levels and midpoints on x's device, for the Triton launcher."""
+    key = str(x.device)
+    if key not in _NF4:
+        _NF4[key] = tuple(t.contiguous() for t in nf4_tables(x.device))
+    return {"tables": _NF4[key]}
+
+
+# Quantise-dequantise contiguous groups of group_size elements; codebook 0 = uniform integer,
+# 1 = NF4. Returns (y, mask); mask (the clipped STE's) is empty unless return_mask.
+FAKE_QUANTIZE = define_op(
+    "fake_quantize(Tensor x, int group_size, int bits, int codebook, bool symmetric, "
+    "float scale_div, bool return_mask) -> (Tensor, Tensor)",
+    check=check_fake_quantize, fake=_fake, triton="quant.fake_quantize", triton_kwargs=_nf4_tables,
+    backward=_backward, setup_context=_setup_context)
+
+# The clipped STE's backward: grad where mask, else 0 (grad's dtype and shape).
+FAKE_QUANTIZE_BACKWARD = define_op(
+    "fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor",
+    check=check_fake_quantize_backward,
+    fake=lambda grad, mask: torch.empty_like(grad, memory_format=torch.contiguous_format),
+    triton="quant.fake_quantize_backward", backward=_backward_op_backward,
+    setup_context=_backward_op_setup)
