@@ -12,9 +12,9 @@
 #include <cstring>
 #include <vector>
 
-#include "lethe/checks.h"
 #include "lethe/cpu_alloc.h"
 #include "lethe/quant.h"
+#include "lethe/quant_checks.h"
 #include "vec.h"  // LETHE_CLONES (one clone per vector ISA), F16v / I16v, kLanes
 
 namespace lethe {
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_
                                                      int64_t bits, int64_t codebook,
                                                      bool symmetric, double scale_div,
                                                      bool return_mask) {
-  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  check_backend_device(x, "x", false);
   check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = cached_empty(x.sizes(), x.scalar_type());
@@ -222,10 +222,8 @@ void masked_copy(const bits_t* g, const bool* m, bits_t* out, int64_t n) {
 }
 
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  check_backend_device(grad, "grad", false);
   check_fake_quantize_backward_args(grad, mask);
-  TORCH_CHECK(grad.device().is_cpu() && mask.device().is_cpu(),
-              "grad and mask must be CPU tensors for the CPU kernel, got ", grad.device(), " and ",
-              mask.device());
   const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
   at::Tensor out = cached_empty(grad.sizes(), grad.scalar_type());
   const int64_t n = grad.numel();

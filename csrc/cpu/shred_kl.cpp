@@ -8,17 +8,14 @@
 //
 // Row passes work on fp32 rows with a vector exp (GCC vector extensions, cloned per ISA): the
 // log-normaliser is one read pass (blocked online max / exp-sum, each 1 KiB block re-read from L1),
-// the gradient one write pass. The fused op computes chunk_size rows of logits at a time with MKL
-// (at::mm), turns them in place into gradient rows and feeds them to two more matmuls, so the
-// extra memory is one [chunk_size, V] fp32 buffer (+ fp32 copies of a low-precision weight and of
-// its gradient accumulator).
+// the gradient one write pass. The fused op runs the chunked LM-head driver (lethe/lm_head.h):
+// chunk_size rows of logits at a time by MKL, turned in place into gradient rows by fused_rows and
+// fed to two more matmuls, so the extra memory is one [chunk_size, V] fp32 buffer (+ a 16 MiB
+// block buffer for a low-precision weight, and the fp32 gradient accumulator).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,10 +25,10 @@
 #include <limits>
 #include <vector>
 
-#include "lethe/checks.h"
+#include "gemm.h"
 #include "lethe/cpu_alloc.h"
 #include "lethe/shred.h"
-#include "lm_head.h"
+#include "lethe/shred_checks.h"
 #include "vec.h"
 
 namespace lethe {
@@ -95,20 +92,11 @@ inline float sum_of(const float* q, int64_t K) {
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks
+// Values of the targets: ids in [0, V), and (with probs) probs >= 0 with each row summing to 1 (or
+// exactly 0). The first bad row of each kind, in that order, raises (lethe/checks.h words it).
 // ---------------------------------------------------------------------------------------------
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ",
-              t.device());
-}
-
-const at::Device kCPU(at::kCPU);
-
-// Values of the targets: ids in [0, V), and (with probs) probs >= 0 with each row summing to 1
-// (or exactly 0).
-void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t K, int64_t V,
-                          float tol, bool probs) {
+void first_bad_target(const int64_t* ids, const float* q, int64_t N, int64_t K, int64_t V, float tol, bool probs) {
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   std::atomic<int64_t> bad_id{kNone}, bad_neg{kNone}, bad_sum{kNone};
   auto lower = [](std::atomic<int64_t>& a, int64_t v) {
@@ -116,83 +104,72 @@ void check_targets_values(const int64_t* ids, const float* q, int64_t N, int64_t
     while (v < cur && !a.compare_exchange_weak(cur, v)) {
     }
   };
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       const int64_t* ir = ids + r * K;
-                       const float* qr = q + r * K;
-                       bool id_ok = true, neg_ok = true;
-                       double s = 0.0;
-                       for (int64_t k = 0; k < K; ++k) {
-                         id_ok &= ir[k] >= 0 && ir[k] < V;
-                         neg_ok &= qr[k] >= 0.0f;  // false for NaN too
-                         s += qr[k];
-                       }
-                       if (!id_ok) lower(bad_id, r);
-                       if (!probs) continue;
-                       if (!neg_ok) lower(bad_neg, r);
-                       if (neg_ok && s != 0.0 && !(std::abs(s - 1.0) <= tol)) lower(bad_sum, r);
-                     }
-                   });
-  if (bad_id.load() != kNone) {
-    const int64_t r = bad_id.load();
-    int64_t v = 0;
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t* ir = ids + r * K;
+      const float* qr = q + r * K;
+      bool id_ok = true, neg_ok = true;
+      double s = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        id_ok &= ir[k] >= 0 && ir[k] < V;
+        neg_ok &= qr[k] >= 0.0f;  // false for NaN too
+        s += qr[k];
+      }
+      if (!id_ok) lower(bad_id, r);
+      if (!probs) continue;
+      if (!neg_ok) lower(bad_neg, r);
+      if (neg_ok && s != 0.0 && !(std::abs(s - 1.0) <= tol)) lower(bad_sum, r);
+    }
+  });
+  BadValueRecord rec{};
+  rec.bound = V;
+  rec.tol = tol;
+  if ((rec.row = bad_id.load()) != kNone) {
+    rec.code = static_cast<int32_t>(BadValue::kTargetId);
     for (int64_t k = 0; k < K; ++k)
-      if (ids[r * K + k] < 0 || ids[r * K + k] >= V) {
-        v = ids[r * K + k];
+      if (ids[rec.row * K + k] < 0 || ids[rec.row * K + k] >= V) {
+        rec.value = ids[rec.row * K + k];
         break;
       }
-    TORCH_CHECK(false, "target_ids must be in [0, V) = [0, ", V, "), got ", v, " in row ", r);
+    raise_bad_value(rec);
   }
-  if (bad_neg.load() != kNone) {
-    const int64_t r = bad_neg.load();
-    float v = 0.0f;
+  if ((rec.row = bad_neg.load()) != kNone) {
+    rec.code = static_cast<int32_t>(BadValue::kTargetNegative);
     for (int64_t k = 0; k < K; ++k)
-      if (!(q[r * K + k] >= 0.0f)) {
-        v = q[r * K + k];
+      if (!(q[rec.row * K + k] >= 0.0f)) {
+        rec.fvalue = q[rec.row * K + k];
         break;
       }
-    TORCH_CHECK(false, "target_probs must be non-negative, got ", v, " in row ", r);
+    raise_bad_value(rec);
   }
-  if (bad_sum.load() != kNone) {
-    const int64_t r = bad_sum.load();
-    double s = 0.0;
-    for (int64_t k = 0; k < K; ++k) s += q[r * K + k];
-    TORCH_CHECK(false, "target_probs rows must sum to 1 (within ", tol,
-                ") or be all zero, row ", r, " sums to ", s);
+  if ((rec.row = bad_sum.load()) != kNone) {
+    rec.code = static_cast<int32_t>(BadValue::kTargetSum);
+    for (int64_t k = 0; k < K; ++k) rec.fvalue += q[rec.row * K + k];
+    raise_bad_value(rec);
   }
 }
-
 
 at::Tensor to_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
 }
-
 
 struct Targets {
   at::Tensor ids, q, w;  // contiguous int64 [N,K], fp32 [N,K], fp32 [N] (undefined when none)
   int64_t K;
 };
 
+// The shapes were checked by the op's check; here the values. ids are checked even without
+// check_values: on the CPU that costs no sync, and a bad id would be read out of bounds.
 Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_probs,
                         const std::optional<at::Tensor>& row_weight, int64_t N, int64_t V,
                         bool check_values = true) {
   Targets t;
-  t.K = check_target_shapes(target_ids, target_probs, N, V, kCPU, "the CPU kernel");
-  check_row_vector(row_weight, "row_weight", N, kCPU, "the CPU kernel");
+  t.K = target_ids.size(1);
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
-  if (row_weight.has_value()) t.w = to_f32(*row_weight);
-  // ids are checked even without check_values: here that costs no sync, and a bad id would be
-  // read out of bounds
-  check_targets_values(t.ids.const_data_ptr<int64_t>(), t.q.const_data_ptr<float>(), N, t.K, V,
-                       shred::target_sum_tol(target_probs.scalar_type() == at::kBFloat16), check_values);
+  if (present(row_weight)) t.w = to_f32(*row_weight);
+  check_target_values(t.ids, t.q, V, target_sum_tol(target_probs.scalar_type()), check_values);
   return t;
-}
-
-void check_logits(const at::Tensor& logits) {
-  check_cpu(logits, "logits");
-  check_logits_shape(logits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_cpu(const at::Tensor& logits,
                                                const at::Tensor& target_probs,
                                                const std::optional<at::Tensor>& row_weight,
                                                bool full_normalize) {
-  check_logits(logits);
+  check_backend_device(logits, "logits", false);
+  check_topk_kl_args(logits, target_ids, target_probs, row_weight);
   const int64_t N = logits.size(0), V = logits.size(1);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
   at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
@@ -284,7 +262,7 @@ void topk_kl_backward_rows(const float* g, const scalar_t* z, const int64_t* ids
         buf.resize(V);
         for (int64_t k = 0; k < K; ++k) buf[ir[k]] = 0.0f;
         for (int64_t k = 0; k < K; ++k)
-          buf[ir[k]] += a * std::exp(static_cast<float>(zr[ir[k]]) - lse[r]) - coef * qr[k];
+          buf[ir[k]] += shred::softmax_part(a, static_cast<float>(zr[ir[k]]), lse[r]) - coef * qr[k];
         std::memset(static_cast<void*>(orow), 0, sizeof(scalar_t) * V);
         for (int64_t k = 0; k < K; ++k) orow[ir[k]] = static_cast<scalar_t>(buf[ir[k]]);
       }
@@ -296,10 +274,9 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
                                 const at::Tensor& target_ids, const at::Tensor& target_probs,
                                 const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
                                 bool full_normalize, bool check_values) {
-  check_logits(logits);
+  check_backend_device(logits, "logits", false);
+  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight);
   const int64_t N = logits.size(0), V = logits.size(1);
-  check_row_vector(grad_loss, "grad_loss", N, kCPU, "the CPU kernel");
-  check_row_vector(lse, "lse", N, kCPU, "the CPU kernel");
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
   at::Tensor out = cached_empty({N, V}, logits.scalar_type());
   if (N == 0) return out;
@@ -349,7 +326,7 @@ void fused_rows(float* z, const float* b, const int64_t* ids, const float* q, co
       } else {
         // with the top-K normaliser the softmax part lives on the target ids only
         if (!full)
-          for (int64_t k = 0; k < K; ++k) zk[k] = a * std::exp(zk[k] - l);
+          for (int64_t k = 0; k < K; ++k) zk[k] = shred::softmax_part(a, zk[k], l);
         std::memset(zr, 0, sizeof(float) * V);
       }
       for (int64_t k = 0; k < K; ++k) zr[ir[k]] += (full ? 0.0f : zk[k]) - coef * qr[k];
@@ -357,78 +334,46 @@ void fused_rows(float* z, const float* b, const int64_t* ids, const float* q, co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_topk_kl_cpu(
+FusedResult fused_linear_topk_kl_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target_ids, const at::Tensor& target_probs,
     const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& grad_row_scale,
     bool full_normalize, int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias,
     bool check_values) {
-  check_cpu(hidden, "hidden");
-  const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, grad_row_scale, chunk_size,
-                                                        grad_hidden, grad_weight, grad_bias);
-  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  check_backend_device(hidden, "hidden", false);
+  const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, target_ids, target_probs, row_weight,
+                                                        grad_row_scale, chunk_size, grad_hidden, grad_weight,
+                                                        grad_bias);
+  const int64_t N = hidden.size(0), V = weight.size(0);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
-  const bool grads = want.any();
   at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
   if (N == 0) return fused_result(loss, want, hidden, weight, bias);
 
-  const at::Tensor h = hidden.contiguous();
-  const at::Tensor W = weight.scalar_type() == at::kFloat ? weight.contiguous() : weight;
-  at::Tensor wbuf = cpu::head_buffer(weight);  // fp16/bf16: converted block by block, never whole
-  const at::Tensor b = bias.has_value() ? to_f32(*bias) : at::Tensor();
-  const at::Tensor srs = grads ? to_f32(*grad_row_scale) : at::Tensor();
-  const bool h32 = hidden.scalar_type() == at::kFloat;
-
-  const int64_t C = std::min(chunk_size, N);
-  at::Tensor zbuf = cached_empty({C, V}, at::kFloat);
-  at::Tensor gh, gW32, gb32, gh32buf;
-  if (want.h) {
-    gh = cached_empty({N, H}, hidden.scalar_type());
-    if (!h32) gh32buf = cached_empty({C, H}, at::kFloat);
-  }
-  if (want.w) gW32 = cached_empty({V, H}, at::kFloat);  // the output itself for an fp32 weight
-  if (want.b) gb32 = at::zeros({V}, at::TensorOptions().dtype(at::kFloat));
-
+  const at::Tensor b = present(bias) ? to_f32(*bias) : at::Tensor();
+  const at::Tensor srs = want.any() ? to_f32(*grad_row_scale) : at::Tensor();
   const int64_t* ids = t.ids.const_data_ptr<int64_t>();
   const float* q = t.q.const_data_ptr<float>();
   const float* w = t.w.defined() ? t.w.const_data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* lossp = loss.mutable_data_ptr<float>();
   const int64_t K = t.K;
-
-  for (int64_t s = 0; s < N; s += C) {
-    const int64_t c = std::min(C, N - s);
-    at::Tensor z = zbuf.narrow(0, 0, c);
-    const at::Tensor hc = h32 ? h.narrow(0, s, c) : h.narrow(0, s, c).to(at::kFloat);
-    cpu::head_logits(z, hc, W, wbuf);
-    fused_rows(z.mutable_data_ptr<float>(), bp, ids + s * K, q + s * K, w ? w + s : nullptr,
-               grads ? srs.const_data_ptr<float>() + s : nullptr, c, V, K, full_normalize,
-               lossp + s);
-    if (!grads) continue;
-    if (want.b) gb32.add_(z.sum(0));
-    if (want.h) {
-      if (h32) {
-        at::Tensor ghc = gh.narrow(0, s, c);
-        cpu::head_grad_hidden(ghc, z, W, wbuf);
-      } else {
-        at::Tensor tmp = gh32buf.narrow(0, 0, c);
-        cpu::head_grad_hidden(tmp, z, W, wbuf);
-        gh.narrow(0, s, c).copy_(tmp);
-      }
-    }
-    if (want.w) {
-      if (s == 0)
-        at::mm_out(gW32, z.t(), hc);
-      else
-        gW32.addmm_(z.t(), hc);
-    }
-  }
-
-  return fused_result(loss, want, hidden, weight, bias, gh, want.w ? grad_as(gW32, weight) : at::Tensor(),
-                      want.b ? grad_as(gb32, *bias) : at::Tensor());
+  cpu::LmHead head(hidden, weight, chunk_size);
+  HeadGrads g = head.run(
+      [&](int64_t s, int64_t c, at::Tensor& z) {
+        fused_rows(z.mutable_data_ptr<float>(), bp, ids + s * K, q + s * K, w ? w + s : nullptr,
+                   want.any() ? srs.const_data_ptr<float>() + s : nullptr, c, V, K, full_normalize, lossp + s);
+      },
+      want);
+  return fused_result(loss, want, hidden, weight, bias, g.hidden,
+                      want.w ? grad_as(g.weight, weight) : at::Tensor(),
+                      want.b ? grad_as(g.bias, *bias) : at::Tensor());
 }
 
 }  // namespace
+
+void check_target_values(const at::Tensor& ids, const at::Tensor& q, int64_t V, float tol, bool probs) {
+  first_bad_target(ids.const_data_ptr<int64_t>(), q.const_data_ptr<float>(), ids.size(0), ids.size(1), V, tol, probs);
+}
 
 TORCH_LIBRARY_IMPL(lethe, CPU, m) {
   m.impl("topk_kl", &topk_kl_cpu);

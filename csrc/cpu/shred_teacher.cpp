@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -20,10 +19,9 @@
 #include <tuple>
 #include <vector>
 
-#include "lethe/checks.h"
-#include "lethe/cpu_alloc.h"
+#include "gemm.h"
 #include "lethe/shred.h"
-#include "lm_head.h"
+#include "lethe/shred_checks.h"
 #include "vec.h"
 
 namespace lethe {
@@ -118,41 +116,25 @@ void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vecto
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
-  TORCH_CHECK(hidden.device().is_cpu(), "hidden must be a CPU tensor for the CPU kernel, got ",
-              hidden.device());
+  check_backend_device(hidden, "hidden", false);
   check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
   const int64_t N = hidden.size(0), V = weight.size(0), K = k;
   const at::Tensor lab = labels.contiguous();
   const int64_t* lab_p = lab.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t l = lab_p[i];
-    TORCH_CHECK(l == kIgnoreIndex || (l >= 0 && l < V), "labels must be in [0, V) = [0, ", V,
-                ") or -100, got ", l, " at index ", i);
-  }
+  check_label_values(lab, V);
   at::Tensor ids = at::empty({N, K}, hidden.options().dtype(at::kLong));
   at::Tensor lp = at::empty({N, K}, hidden.options().dtype(at::kFloat));
   at::Tensor label_lp = at::empty({N}, hidden.options().dtype(at::kFloat));
   if (N == 0) return {ids, lp, label_lp};
 
-  // an fp16/bf16 weight is converted to fp32 block by block (lm_head.h), never whole
-  at::Tensor wbuf = cpu::head_buffer(weight);
   at::Tensor b32;
-  if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
-
-  // The only [*, V] buffer: chunk rows of logits, reused for every chunk.
-  const int64_t C = std::min(chunk_size, N);
-  at::Tensor scratch = cached_empty({C, V}, at::kFloat);
-
+  if (present(bias)) b32 = bias->to(at::kFloat).contiguous();
   int64_t* ids_p = ids.mutable_data_ptr<int64_t>();
   float* lp_p = lp.mutable_data_ptr<float>();
   float* llp_p = label_lp.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / V);
-
-  for (int64_t c0 = 0; c0 < N; c0 += C) {
-    const int64_t n = std::min(C, N - c0);
-    const at::Tensor hc = hidden.narrow(0, c0, n).to(at::kFloat);  // a view for fp32
-    at::Tensor z = scratch.narrow(0, 0, n);                          // contiguous rows
-    cpu::head_logits(z, hc, weight, wbuf);
+  // the chunked LM-head driver holds one [chunk, V] block of logits (lethe/lm_head.h)
+  cpu::LmHead(hidden, weight, chunk_size).run([&](int64_t c0, int64_t n, at::Tensor& z) {
     if (b32.defined()) z.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
     const float* z_p = z.const_data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
@@ -160,11 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
       heap.reserve(K);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = c0 + r;
-        teacher_row(z_p + r * V, V, K, lab_p[row], heap, ids_p + row * K, lp_p + row * K,
-                    llp_p + row);
+        teacher_row(z_p + r * V, V, K, lab_p[row], heap, ids_p + row * K, lp_p + row * K, llp_p + row);
       }
     });
-  }
+  });
   return {ids, lp, label_lp};
 }
 
@@ -173,9 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
 
 at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at::Tensor& labels,
                                        double fraction, int64_t skip) {
-  TORCH_CHECK(label_logprob.device().is_cpu(),
-              "label_logprob must be a CPU tensor for the CPU kernel, got ",
-              label_logprob.device());
+  check_backend_device(label_logprob, "label_logprob", false);
   check_select_forget_positions_args(label_logprob, labels, fraction, skip);
 
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
@@ -222,8 +201,7 @@ at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at
 at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                               const at::Tensor& labels, const at::Tensor& forget_mask,
                               int64_t variant, double top_p) {
-  TORCH_CHECK(topk_ids.device().is_cpu(), "topk_ids must be a CPU tensor for the CPU kernel, got ",
-              topk_ids.device());
+  check_backend_device(topk_ids, "topk_ids", false);
   check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
 
@@ -238,19 +216,24 @@ at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk
   const int64_t* l_p = lab.const_data_ptr<int64_t>();
   const bool* f_p = fm.const_data_ptr<bool>();
   float* q_p = q.mutable_data_ptr<float>();
-  // the reference compares an fp32 tensor with a Python float: in fp32
-  const float tp = static_cast<float>(top_p);
   const bool nucleus = variant == 1;
 
   at::parallel_for(0, N, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      shred::demote_row(id_p + r * K, lp_p + r * K, K, l_p[r], f_p[r], nucleus, tp, q_p + r * K);
+      shred::demote_row(id_p + r * K, lp_p + r * K, K, l_p[r], f_p[r], nucleus, top_p, q_p + r * K);
     }
   });
   return q;
 }
 
 }  // namespace
+
+void check_label_values(const at::Tensor& labels, int64_t V) {
+  const int64_t* l = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels.numel(); ++i)
+    if (l[i] != shred::kIgnoreIndex && (l[i] < 0 || l[i] >= V))
+      raise_bad_value(BadValueRecord{static_cast<int32_t>(BadValue::kLabel), 0, i, l[i], V, 0.0, 0.0});
+}
 
 TORCH_LIBRARY_IMPL(lethe, CPU, m) {
   m.impl("teacher_topk", &teacher_topk_cpu);

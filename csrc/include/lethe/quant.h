@@ -1,6 +1,6 @@
 #pragma once
 // The arithmetic of fake quantisation, written once for the CPU and CUDA kernels.
-// Every backend (and the pure-PyTorch reference, python/lethe/ops/quant.py) follows exactly
+// Every backend (and the pure-PyTorch reference, python/lethe/ops/quant_reference.py) follows exactly
 // these steps in fp32, so the quantised codes agree bit for bit:
 //   symmetric int:  scale = absmax / scale_div, inv = 1 / scale,
 //                   code = clamp(rne(x * inv), -2^(b-1), 2^(b-1)-1), y = code * scale
@@ -61,8 +61,10 @@ struct Params {
   bool invalid;
 };
 
-// Round half to even. Every argument here is |x * inv| + zp <= 2^9, well inside the |v| < 2^22
-// where adding and removing 1.5 * 2^23 rounds exactly (and vectorises, unlike nearbyint).
+// Round half to even: adding and removing 1.5 * 2^23 rounds exactly for |v| < 2^22 (and
+// vectorises, unlike nearbyint). Larger |v| (a tiny scale from a user's scale_div) may round by
+// one, but lies far outside every code range ([-128, 255]), so the clamp gives the same code and
+// the same clipped-STE mask as exact rounding.
 LETHE_HD float rne(float v) {
 #if defined(__CUDA_ARCH__)
   return rintf(v);
