@@ -110,9 +110,22 @@ if sys.platform.startswith("linux"):
 # which the CPU tests check. The kernels are memory-bound; the GEMMs are cuBLAS's.
 nvcc_flags = (["-O0", "-g", "-G"] if DEBUG else ["-O3", "-lineinfo"])
 nvcc_flags += ["--expt-relaxed-constexpr", "--fmad=false", "-Xptxas=-v"]
+
+
+def _ptx_flags(archs):
+    """PTX of the highest arch in the list, so that a newer GPU (Blackwell) JIT-compiles the kernels
+    instead of finding no kernel image, as flash-attention and xformers ship. An arch-specific one
+    (9.0a) is not forward compatible: its generic form (compute_90) is embedded. Nothing to add when
+    the list already asks for PTX (+PTX)."""
+    if "+PTX" in archs.upper():
+        return []
+    nums = [a.strip().lower().rstrip("af") for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    best = max(nums, key=lambda a: tuple(int(x) for x in a.split(".")))
+    code = best.replace(".", "")
+    return [f"-gencode=arch=compute_{code},code=compute_{code}"]
 define_macros = [("LETHE_CUDA_ARCHS", '"%s"' % ARCHS if WITH_CUDA else '""')]
 
-sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 ext_kwargs = dict(
     name="lethe._C",
     include_dirs=[os.path.join(ROOT, "csrc", "include")],
@@ -122,6 +135,10 @@ ext_kwargs = dict(
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("LETHE_WITH_CUDA", "1"))
+    # naming any -gencode makes torch add none of its own: the archs' ones first, then the PTX
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    nvcc_flags += _get_cuda_arch_flags() + _ptx_flags(ARCHS)
     cublas_inc, cublas_lib = _find_cublas()
     # -isystem: searched after every -I, so the toolkit's own CUDA headers keep precedence over the
     # copies in the wheel's include folder; only what the toolkit lacks (cuBLAS) comes from there

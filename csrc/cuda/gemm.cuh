@@ -3,15 +3,20 @@
 // current stream: C = alpha * op(A) op(B) + beta * C, with A and B fp32, fp16 or bf16 (one dtype)
 // and C fp32. ATen's mm/addmm keep C in the input dtype (or, with out_dtype, cannot accumulate
 // into an fp32 C), and accumulating grad_weight in fp16/bf16 chunk after chunk would lose bits.
+// Device is the CUDA device of the chunked LM-head driver (lethe/lm_head.h).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+#include <ATen/ops/empty.h>
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <limits>
+
+#include "lethe/lm_head.h"
 
 namespace lethe {
 namespace cuda {
@@ -23,6 +28,7 @@ inline cudaDataType_t cublas_type(at::ScalarType t) {
     case at::kBFloat16: return CUDA_R_16BF;
     default: TORCH_CHECK(false, "lethe gemm: unsupported dtype ", t);
   }
+  return CUDA_R_32F;  // not reached
 }
 
 // A is [M, K] (or [K, M] when ta), B is [K, N] (or [N, K] when tb), C is [M, N]; all row-major with
@@ -56,6 +62,40 @@ inline void gemm_f32out(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float
   TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "lethe gemm: cublasGemmEx failed with status ",
               static_cast<int>(st), " (M=", M, ", N=", N, ", K=", K, ")");
 }
+
+// A matrix operand as cuBLAS reads it: row-major with row stride ld, or the transpose of one.
+struct Operand {
+  const void* ptr;
+  int64_t ld;
+  bool trans;
+};
+
+// X [rows, cols] with unit stride along one of its dimensions.
+inline Operand operand(const at::Tensor& X) {
+  if (X.stride(1) == 1 || X.size(1) == 1) return {X.const_data_ptr(), std::max<int64_t>(X.stride(0), X.size(1)), false};
+  TORCH_CHECK(X.stride(0) == 1 || X.size(0) == 1, "lethe gemm: an operand needs a unit stride, got strides ",
+              X.strides());
+  return {X.const_data_ptr(), std::max<int64_t>(X.stride(1), X.size(0)), true};
+}
+
+struct Device {
+  static constexpr bool kLowPrecisionGemm = true;  // fp16/bf16 on tensor cores, fp32 accumulation
+
+  static at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
+    return at::empty(sizes, like.options().dtype(dtype));
+  }
+
+  // C (+)= A B with C fp32 [M, N] (row stride ldc: possibly a column block of a wider buffer)
+  static void mm(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
+    TORCH_CHECK(C.scalar_type() == at::kFloat && C.stride(1) == 1 && A.scalar_type() == B.scalar_type(),
+                "lethe gemm: C must be fp32 with unit column stride, A and B of one dtype");
+    const Operand a = operand(A), b = operand(B);
+    gemm_f32out(a.trans, b.trans, C.size(0), C.size(1), A.size(1), 1.0f, a.ptr, a.ld, b.ptr, b.ld,
+                A.scalar_type(), accumulate ? 1.0f : 0.0f, C.mutable_data_ptr<float>(), C.stride(0));
+  }
+};
+
+using LmHead = lethe::LmHead<Device>;
 
 }  // namespace cuda
 }  // namespace lethe

@@ -25,8 +25,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include "lethe/checks.h"
 #include "lethe/quant.h"
+#include "lethe/quant_checks.h"
 
 namespace lethe {
 namespace {
@@ -295,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64
                                                       int64_t bits, int64_t codebook,
                                                       bool symmetric, double scale_div,
                                                       bool return_mask) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  check_backend_device(x, "x", true);
   check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
@@ -334,8 +334,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
+  check_backend_device(grad, "grad", true);
   check_fake_quantize_backward_args(grad, mask);
-  TORCH_CHECK(grad.is_cuda(), "grad must be a CUDA tensor for the CUDA kernel, got ", grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
   at::Tensor out = at::empty_like(gc, at::MemoryFormat::Contiguous);

@@ -1,30 +1,32 @@
 // CUDA kernels of the shred family's teacher side (definitions: python/lethe/ops/shred_reference.py;
 // same semantics as csrc/cpu/shred_teacher.cpp):
-//   teacher_topk             per chunk of rows: logits by cuBLAS (fp32 output), candidates by
-//                            at::topk, then one block per row fixes the order exactly (value desc,
-//                            NaN first, -0 == +0, ties by ascending id) and writes the log-probs;
-//   select_forget_positions  one block per sequence: a bitonic sort of (value, position) keys;
+//   teacher_topk             the chunked LM-head driver (lethe/lm_head.h); per chunk, candidates by
+//                            at::topk, then one block per row builds the exact top-K as 64-bit keys
+//                            (value key, inverted id) and writes the log-sum-exp and the label's
+//                            log-prob; at::sort (a segmented sort) orders the keys: value desc, NaN
+//                            first, -0 == +0, ties by ascending id;
+//   select_forget_positions  one block per sequence writes the keys (value key, position) of the
+//                            eligible positions in coalesced tiles; at::sort ranks them;
 //   demote_targets           one thread per row, the shared row function of lethe/shred.h.
-// Orderings use 32-bit keys whose unsigned order is torch.sort's order on floats.
-#include <ATen/Dispatch.h>
+// Keys: 64-bit integers whose signed order is torch.sort's order on floats. Labels out of range are
+// recorded without a host sync (errors.cuh) and never read.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/topk.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 
+#include "errors.cuh"
 #include "gemm.cuh"
-#include "lethe/checks.h"
 #include "lethe/shred.h"
+#include "lethe/shred_checks.h"
 #include "reduce.cuh"
 
 namespace lethe {
@@ -32,7 +34,7 @@ namespace {
 
 using shred::kIgnoreIndex;
 constexpr int kThreads = 256;
-constexpr int64_t kSharedSortMax = 4096;  // entries (uint64) sorted in static-size shared memory
+constexpr uint64_t kSignFlip = uint64_t(1) << 63;  // unsigned order -> signed order (at::sort)
 
 // Unsigned key in ascending float order: -inf < ... < -0 == +0 < ... < +inf < NaN.
 __device__ __forceinline__ uint32_t float_key(float v) {
@@ -42,31 +44,9 @@ __device__ __forceinline__ uint32_t float_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-int64_t next_pow2(int64_t n) {
-  int64_t p = 1;
-  while (p < n) p <<= 1;
-  return p;
-}
-
-// Sort s[0..P) (P a power of two) descending; whole block, ends with a barrier.
-__device__ void bitonic_desc(uint64_t* s, int64_t P) {
-  for (int64_t size = 2; size <= P; size <<= 1) {
-    for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
-      __syncthreads();
-      for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
-        const int64_t j = i ^ stride;
-        if (j > i) {
-          const uint64_t a = s[i], b = s[j];
-          const bool desc = (i & size) == 0;
-          if (desc ? a < b : a > b) {
-            s[i] = b;
-            s[j] = a;
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
+// (value key, low): descending order of the int64 = value desc, then low desc
+__device__ __forceinline__ int64_t sort_key(uint32_t key, uint32_t low) {
+  return static_cast<int64_t>(((static_cast<uint64_t>(key) << 32) | low) ^ kSignFlip);
 }
 
 // Exclusive prefix count of `flag` over the block in thread order; *total gets the block's count.
@@ -90,26 +70,23 @@ __device__ int64_t block_prefix_count(bool flag, int64_t* total) {
 // teacher_topk
 
 // Row r of a chunk: z [V] fp32 logits, cand [K] the ids of at::topk (the top-K values, order and
-// ties unspecified). The exact top-K: every candidate above the K-th value's key, then the
-// lowest-id elements equal to it, sorted by (key desc, id asc) as one 64-bit key per entry.
-__global__ void teacher_rows_kernel(const float* __restrict__ z, int64_t V,
-                                    const int64_t* __restrict__ cand, int64_t K, int64_t P,
-                                    uint64_t* __restrict__ scratch, const int64_t* __restrict__ labels,
-                                    int64_t* __restrict__ out_ids, float* __restrict__ out_lp,
-                                    float* __restrict__ out_label_lp) {
-  __shared__ uint64_t sh[kSharedSortMax];
-  __shared__ int count_gt;
+// ties unspecified). keys [K]: the exact top-K, every candidate above the K-th value's key and then
+// the lowest-id entries equal to it.
+__global__ void teacher_keys_kernel(const float* __restrict__ z, int64_t V, const int64_t* __restrict__ cand,
+                                    int64_t K, int64_t* __restrict__ keys, float* __restrict__ lse_out,
+                                    const int64_t* __restrict__ labels, float* __restrict__ label_lp,
+                                    int64_t row0, BadValueRecord* bad) {
+  __shared__ int count_gt, count_tied;
+  __shared__ uint32_t wmin[32];
   const int64_t r = blockIdx.x;
   const float* zr = z + r * V;
   const int64_t* cr = cand + r * K;
-  uint64_t* s = scratch ? scratch + r * P : sh;
+  int64_t* kr = keys + r * K;
 
   // the K-th largest key is the smallest candidate key
   uint32_t kmin = 0xffffffffu;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) kmin = min(kmin, float_key(zr[cr[k]]));
   for (int o = 16; o > 0; o >>= 1) kmin = min(kmin, __shfl_xor_sync(cuda::kFull, kmin, o));
-  __shared__ uint32_t wmin[32];
-  __shared__ int count_tied;
   if (threadIdx.x == 0) count_gt = count_tied = 0;
   if ((threadIdx.x & 31) == 0) wmin[threadIdx.x >> 5] = kmin;
   __syncthreads();
@@ -127,12 +104,12 @@ __global__ void teacher_rows_kernel(const float* __restrict__ z, int64_t V,
   const float lse = cuda::ms_lse(cuda::block_maxsum(acc));
   const int64_t row_tied = cuda::block_sum(tied);
 
-  // slots [0, gt): candidates above tk; [gt, K): the candidates equal to tk
+  // slots [0, gt): candidates above tk; [gt, K): the candidates equal to tk (any order: sorted next)
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     const int64_t id = cr[k];
     const uint32_t key = float_key(zr[id]);
     const int slot = key > tk ? atomicAdd(&count_gt, 1) : static_cast<int>(K) - 1 - atomicAdd(&count_tied, 1);
-    s[slot] = (static_cast<uint64_t>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(id));
+    kr[slot] = sort_key(key, 0xffffffffu - static_cast<uint32_t>(id));
   }
   __syncthreads();
   const int64_t gt = count_gt;
@@ -146,50 +123,43 @@ __global__ void teacher_rows_kernel(const float* __restrict__ z, int64_t V,
       const bool eq = i < V && float_key(zr[i]) == tk;
       int64_t total;
       const int64_t pos = taken + block_prefix_count(eq, &total);
-      if (eq && pos < need)
-        s[gt + pos] = (static_cast<uint64_t>(tk) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+      if (eq && pos < need) kr[gt + pos] = sort_key(tk, 0xffffffffu - static_cast<uint32_t>(i));
       taken += total;  // the same on every thread: the loop condition stays uniform
     }
   }
-  for (int64_t k = K + threadIdx.x; k < P; k += blockDim.x) s[k] = 0;  // padding sorts last
-  bitonic_desc(s, P);
-
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t id = 0xffffffffu - static_cast<uint32_t>(s[k] & 0xffffffffu);
-    out_ids[r * K + k] = id;
-    out_lp[r * K + k] = zr[id] - lse;
-  }
   if (threadIdx.x == 0) {
+    lse_out[r] = lse;
     const int64_t l = labels[r];
-    out_label_lp[r] = l == kIgnoreIndex ? 0.0f : zr[l] - lse;
+    const bool ok = l >= 0 && l < V;
+    if (!ok && l != kIgnoreIndex) cuda::report_bad_value(bad, BadValue::kLabel, row0 + r, l, V, 0.0, 0.0);
+    label_lp[r] = ok ? zr[l] - lse : 0.0f;
   }
 }
 
-// First index with a label outside [0, V) and != -100 (N when none), by atomicMin.
-__global__ void check_labels_kernel(const int64_t* __restrict__ labels, int64_t N, int64_t V,
-                                    unsigned long long* __restrict__ first_bad) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < N;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t l = labels[i];
-    if (l != kIgnoreIndex && (l < 0 || l >= V)) atomicMin(first_bad, (unsigned long long)i);
+// The sorted keys of a chunk to ids and log-probs.
+__global__ void teacher_order_kernel(const int64_t* __restrict__ sorted, const float* __restrict__ z, int64_t V,
+                                     int64_t K, const float* __restrict__ lse, int64_t n, int64_t* __restrict__ ids,
+                                     float* __restrict__ lp) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / K;
+    const int64_t id = 0xffffffffu - static_cast<uint32_t>(static_cast<uint64_t>(sorted[e]) & 0xffffffffu);
+    ids[e] = id;
+    lp[e] = z[r * V + id] - lse[r];
   }
 }
 
-int grid_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-}
+int grid_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65536)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
-  const at::Device dev = hidden.device();
-  TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", dev);
+  check_backend_device(hidden, "hidden", true);
   check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
-  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0), K = k;
-  TORCH_CHECK(V < (int64_t(1) << 32) - 1, "weight has too many rows for the CUDA kernel: ", V);
-  const bool has_bias = bias.has_value() && bias->defined();
-
-  const c10::cuda::CUDAGuard guard(dev);
+  const int64_t N = hidden.size(0), V = weight.size(0), K = k;
+  TORCH_CHECK_VALUE(V < (int64_t(1) << 32) - 1, "weight has too many rows for the CUDA kernel: ", V);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  BadValueRecord* bad = cuda::bad_value_record(hidden.get_device());  // raises one recorded earlier
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const auto opt = hidden.options();
   at::Tensor ids = at::empty({N, K}, opt.dtype(at::kLong));
@@ -198,115 +168,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
   if (N == 0) return {ids, lp, label_lp};
 
   const at::Tensor lab = labels.contiguous();
-  {
-    at::Tensor bad = at::full({1}, N, opt.dtype(at::kLong));
-    check_labels_kernel<<<grid_for(N), kThreads, 0, stream>>>(
-        lab.const_data_ptr<int64_t>(), N, V,
-        reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
+  const at::Tensor b32 = present(bias) ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  cuda::LmHead head(hidden, weight, chunk_size);
+  const at::Tensor keys = at::empty({head.chunk(), K}, opt.dtype(at::kLong));
+  const at::Tensor lse = at::empty({head.chunk()}, opt.dtype(at::kFloat));
+  head.run([&](int64_t s, int64_t c, at::Tensor& z) {
+    if (b32.defined()) z.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
+    const at::Tensor cand = std::get<1>(at::topk(z, K, 1, true, false)).contiguous();
+    teacher_keys_kernel<<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+        z.const_data_ptr<float>(), V, cand.const_data_ptr<int64_t>(), K, keys.mutable_data_ptr<int64_t>(),
+        lse.mutable_data_ptr<float>(), lab.const_data_ptr<int64_t>() + s, label_lp.mutable_data_ptr<float>() + s, s,
+        bad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t i = bad.item<int64_t>();  // one sync: bad labels must fail, not read out of bounds
-    TORCH_CHECK(i >= N, "labels must be in [0, V) = [0, ", V, ") or -100, got ",
-                lab[i].item<int64_t>(), " at index ", i);
-  }
-
-  // GEMM in the inputs' dtype when they agree (tensor cores, fp32 accumulation and output),
-  // otherwise in fp32
-  const at::ScalarType gt = hidden.scalar_type() == weight.scalar_type() ? hidden.scalar_type()
-                                                                           : at::kFloat;
-  const at::Tensor h = hidden.to(gt).contiguous();
-  const at::Tensor W = weight.to(gt).contiguous();
-  const at::Tensor b32 = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-
-  const int64_t C = std::min(chunk_size, N);
-  at::Tensor z = at::empty({C, V}, opt.dtype(at::kFloat));
-  const int64_t P = next_pow2(K);
-  at::Tensor scratch = P > kSharedSortMax ? at::empty({C, P}, opt.dtype(at::kLong)) : at::Tensor();
-  const size_t esz = at::elementSize(gt);
-  for (int64_t s = 0; s < N; s += C) {
-    const int64_t c = std::min(C, N - s);
-    at::Tensor zc = z.narrow(0, 0, c);
-    cuda::gemm_f32out(false, true, c, V, H, 1.0f, static_cast<const char*>(h.const_data_ptr()) + s * H * esz,
-                      H, W.const_data_ptr(), H, gt, 0.0f, zc.mutable_data_ptr<float>(), V);
-    if (has_bias) zc.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
-    const at::Tensor cand = std::get<1>(at::topk(zc, K, 1, true, false)).contiguous();
-    teacher_rows_kernel<<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
-        zc.const_data_ptr<float>(), V, cand.const_data_ptr<int64_t>(), K, P,
-        scratch.defined() ? reinterpret_cast<uint64_t*>(scratch.mutable_data_ptr<int64_t>()) : nullptr,
-        lab.const_data_ptr<int64_t>() + s, ids.mutable_data_ptr<int64_t>() + s * K,
-        lp.mutable_data_ptr<float>() + s * K, label_lp.mutable_data_ptr<float>() + s);
+    const at::Tensor sorted = std::get<0>(at::sort(keys.narrow(0, 0, c), 1, true)).contiguous();
+    teacher_order_kernel<<<grid_for(c * K), kThreads, 0, stream>>>(
+        sorted.const_data_ptr<int64_t>(), z.const_data_ptr<float>(), V, K, lse.const_data_ptr<float>(), c * K,
+        ids.mutable_data_ptr<int64_t>() + s * K, lp.mutable_data_ptr<float>() + s * K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
+  if (cuda::bad_value_found(hidden.get_device(), stream)) check_label_values(lab.cpu(), V);
   return {ids, lp, label_lp};
 }
 
 // ---------------------------------------------------------------------------------------------
 // select_forget_positions
 
-// One block per row of [B, T]: eligible positions (valid, after the first `skip` valid ones) get
-// the key (value key, position), the rest sort last; the first m = forget_count(fraction, n)
-// of the ascending order are the forget positions.
+// One block per row of [B, T], in coalesced tiles of blockDim positions: the eligible positions
+// (valid, after the first `skip` valid ones) get the key (value key, position), the rest the largest
+// key; n[b] is the number of eligible positions.
 template <typename scalar_t>
-__global__ void select_kernel(const scalar_t* __restrict__ vals, const int64_t* __restrict__ labels,
-                              int64_t T, int64_t P, double fraction, int64_t skip,
-                              uint64_t* __restrict__ scratch, bool* __restrict__ out) {
-  __shared__ uint64_t sh[kSharedSortMax];
-  __shared__ int64_t seg_count[kThreads];
+__global__ void select_keys_kernel(const scalar_t* __restrict__ vals, const int64_t* __restrict__ labels,
+                                   int64_t T, int64_t skip, int64_t* __restrict__ keys, int64_t* __restrict__ n) {
   const int64_t b = blockIdx.x;
-  const scalar_t* v = vals + b * T;
-  const int64_t* l = labels + b * T;
-  uint64_t* s = scratch ? scratch + b * P : sh;
-
-  // valid positions before each thread's contiguous segment: a scan over the thread counts
-  const int64_t seg = (T + blockDim.x - 1) / blockDim.x;
-  const int64_t t0 = threadIdx.x * seg, t1 = min(T, t0 + seg);
-  int64_t mine = 0;
-  for (int64_t t = t0; t < t1; ++t) mine += l[t] != kIgnoreIndex;
-  seg_count[threadIdx.x] = mine;
-  __syncthreads();
-  int64_t before = 0;
-  for (int i = 0; i < (int)threadIdx.x; ++i) before += seg_count[i];
-  int64_t eligible = 0;
-  for (int64_t t = t0; t < t1; ++t) {
-    const bool valid = l[t] != kIgnoreIndex;
-    before += valid;
-    const bool e = valid && before > skip;
+  int64_t valid_before = 0, eligible = 0;
+  for (int64_t base = 0; base < T; base += blockDim.x) {
+    const int64_t t = base + threadIdx.x;
+    const bool valid = t < T && labels[b * T + t] != kIgnoreIndex;
+    int64_t total;
+    const int64_t rank = valid_before + block_prefix_count(valid, &total) + 1;  // valid ones up to t
+    const bool e = valid && rank > skip;
     eligible += e;
-    // ascending (value key, position); the sort below is descending, so store the complement
-    const uint64_t key = e ? (static_cast<uint64_t>(float_key(static_cast<float>(v[t]))) << 32) |
-                                 static_cast<uint64_t>(t)
-                           : ~uint64_t(0);
-    s[t] = ~key;
+    if (t < T)
+      keys[b * T + t] = e ? sort_key(float_key(static_cast<float>(vals[b * T + t])), static_cast<uint32_t>(t))
+                          : INT64_MAX;
+    valid_before += total;
   }
-  for (int64_t t = T + threadIdx.x; t < P; t += blockDim.x) s[t] = 0;  // ~all-ones: last
-  const int64_t n = cuda::block_sum(eligible);
-  const int64_t m = shred::forget_count(fraction, n);
-  bitonic_desc(s, P);
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) out[b * T + (~s[j] & 0xffffffffu)] = true;
+  eligible = cuda::block_sum(eligible);
+  if (threadIdx.x == 0) n[b] = eligible;
 }
 
-at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const at::Tensor& labels,
-                                        double fraction, int64_t skip) {
-  const at::Device dev = label_logprob.device();
-  TORCH_CHECK(label_logprob.is_cuda(), "label_logprob must be a CUDA tensor for the CUDA kernel, got ", dev);
+// out[b, order[b, j]] = (j < forget_count(fraction, n[b])): order is a permutation of each row.
+__global__ void select_rank_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ n, int64_t B,
+                                   int64_t T, double fraction, bool* __restrict__ out) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < B * T;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = e / T, j = e - b * T;
+    out[b * T + order[e]] = j < shred::forget_count(fraction, n[b]);
+  }
+}
+
+at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const at::Tensor& labels, double fraction,
+                                        int64_t skip) {
+  check_backend_device(label_logprob, "label_logprob", true);
   check_select_forget_positions_args(label_logprob, labels, fraction, skip);
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
   // positions are the low 32 bits of the sort keys
-  TORCH_CHECK(T < (int64_t(1) << 32), "label_logprob has too many positions per row: ", T);
-  const c10::cuda::CUDAGuard guard(dev);
-  at::Tensor out = at::zeros({B, T}, label_logprob.options().dtype(at::kBool));
+  TORCH_CHECK_VALUE(T < (int64_t(1) << 32), "label_logprob has too many positions per row for the CUDA kernel: ", T);
+  const c10::cuda::CUDAGuard guard(label_logprob.device());
+  at::Tensor out = at::empty({B, T}, label_logprob.options().dtype(at::kBool));
   if (B == 0 || T == 0) return out;
   const at::Tensor vals = label_logprob.contiguous();
   const at::Tensor lab = labels.contiguous();
-  const int64_t P = next_pow2(T);
-  at::Tensor scratch =
-      P > kSharedSortMax ? at::empty({B, P}, label_logprob.options().dtype(at::kLong)) : at::Tensor();
+  const auto lopt = label_logprob.options().dtype(at::kLong);
+  at::Tensor keys = at::empty({B, T}, lopt);
+  at::Tensor n = at::empty({B}, lopt);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   LETHE_DISPATCH_FLOATS(vals.scalar_type(), "select_forget_positions_cuda", [&] {
-    select_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        vals.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), T, P, fraction, skip,
-        scratch.defined() ? reinterpret_cast<uint64_t*>(scratch.mutable_data_ptr<int64_t>()) : nullptr,
-        out.mutable_data_ptr<bool>());
+    select_keys_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        vals.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), T, skip, keys.mutable_data_ptr<int64_t>(),
+        n.mutable_data_ptr<int64_t>());
   });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor order = std::get<1>(at::sort(keys, 1)).contiguous();
+  select_rank_kernel<<<grid_for(B * T), kThreads, 0, stream>>>(order.const_data_ptr<int64_t>(),
+                                                               n.const_data_ptr<int64_t>(), B, T, fraction,
+                                                               out.mutable_data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -317,7 +263,7 @@ at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const a
 template <typename scalar_t>
 __global__ void demote_kernel(const int64_t* __restrict__ ids, const scalar_t* __restrict__ lps,
                               const int64_t* __restrict__ labels, const bool* __restrict__ forget,
-                              int64_t N, int64_t K, bool nucleus, float top_p, float* __restrict__ q) {
+                              int64_t N, int64_t K, bool nucleus, double top_p, float* __restrict__ q) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < N;
        r += (int64_t)gridDim.x * blockDim.x)
     shred::demote_row(ids + r * K, lps + r * K, K, labels[r], forget[r], nucleus, top_p, q + r * K);
@@ -326,11 +272,10 @@ __global__ void demote_kernel(const int64_t* __restrict__ ids, const scalar_t* _
 at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                                const at::Tensor& labels, const at::Tensor& forget_mask,
                                int64_t variant, double top_p) {
-  const at::Device dev = topk_ids.device();
-  TORCH_CHECK(topk_ids.is_cuda(), "topk_ids must be a CUDA tensor for the CUDA kernel, got ", dev);
+  check_backend_device(topk_ids, "topk_ids", true);
   check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
-  const c10::cuda::CUDAGuard guard(dev);
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
   at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));
   if (N == 0 || K == 0) return q;
   const at::Tensor ids = topk_ids.contiguous(), lps = topk_logprobs.contiguous();
@@ -339,8 +284,7 @@ at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& top
   LETHE_DISPATCH_FLOATS(lps.scalar_type(), "demote_targets_cuda", [&] {
     demote_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
         ids.const_data_ptr<int64_t>(), lps.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
-        fm.const_data_ptr<bool>(), N, K, variant == 1, static_cast<float>(top_p),
-        q.mutable_data_ptr<float>());
+        fm.const_data_ptr<bool>(), N, K, variant == 1, top_p, q.mutable_data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q;
