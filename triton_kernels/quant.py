@@ -12,18 +12,20 @@ Follows csrc/include/lethe/quant.h step by step in fp32, bit for bit (see the co
     elements are then replaced by 0 before any arithmetic (their group's output is NaN anyway).
 
 Groups are contiguous runs of group_size elements of the flattened tensor. Groups of up to
-SMALL_GROUP_MAX elements are handled whole: one program takes ROWS groups as a [ROWS, BLOCK] tile
-(stats and apply in the same program). Larger groups take three launches: partial stats per
-(group, chunk of CHUNK elements), one program per group merging its partials into the group's
-parameters (scale, zero point, invalid flag), then the apply per (group, chunk).
+SMALL_GROUP_MAX elements are handled whole: one program takes TILE // BLOCK groups as a
+[ROWS, BLOCK] tile, BLOCK the group size rounded up to a power of two (stats and apply in the same
+program). Larger groups take three launches: partial stats per (group, chunk of CHUNK elements),
+one program per group merging its partials into the group's parameters (scale, zero point,
+invalid flag), then the apply per (group, chunk). The codebook, symmetry and mask flags are
+runtime arguments, so each kernel has one compiled configuration per dtype and block
+(aot_configs). The launchers take arguments that lethe.ops has checked, and the NF4 tables from
+it (tables=(levels, midpoints)).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from lethe.ops.quant_reference import nf4_tables as _nf4_tables  # the one copy of the NF4 table
 
 
 # Tunables, read at call time (tests lower them to exercise the large-group path at small sizes).
@@ -62,28 +64,27 @@ def _reciprocal(scale):
 
 
 @triton.jit
-def _params(lo, hi, qmax, scale_div, CODEBOOK: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _params(lo, hi, qmax, scale_div, codebook, symmetric):
     # lo = min(min x, 0), hi = max(max x, 0) -> (scale, 1 / scale, zero point).
     absmax = tl.where(-lo > hi, -lo, hi)
-    if CODEBOOK == 1:
+    if codebook == 1:
         scale = absmax
-    elif SYMMETRIC:
+    elif symmetric:
         scale = tl.math.div_rn(absmax, scale_div + tl.zeros_like(absmax))
     else:
         scale = tl.math.div_rn(hi * 0.5 - lo * 0.5, qmax * 0.5 + tl.zeros_like(hi))
     inv = _reciprocal(scale)
-    if CODEBOOK == 0 and not SYMMETRIC:
+    zp = tl.zeros_like(scale)
+    if (codebook == 0) & (symmetric == 0):
         zp = tl.where(scale >= FLT_MIN, _clamp(_rne(-lo * inv), 0.0, qmax), 0.0)
-    else:
-        zp = tl.zeros_like(scale)
     return scale, inv, zp
 
 
 @triton.jit
-def _apply(x, scale, inv, zp, bad, qmin, qmax, lv_ptr, md_ptr, CODEBOOK: tl.constexpr):
+def _apply(x, scale, inv, zp, bad, qmin, qmax, lv_ptr, md_ptr, codebook):
     # x: fp32 values; scale/inv/zp/bad broadcast against x. Returns (y fp32, kept bool).
     pos = scale >= FLT_MIN
-    if CODEBOOK == 1:
+    if codebook == 1:
         v = x * inv
         lvl = tl.where(v > tl.load(md_ptr), tl.load(lv_ptr + 1), tl.load(lv_ptr))
         for k in tl.static_range(1, 15):  # midpoints increase: the last one below v wins
@@ -103,9 +104,8 @@ def _apply(x, scale, inv, zp, bad, qmin, qmax, lv_ptr, md_ptr, CODEBOOK: tl.cons
 
 
 @triton.jit
-def _fq_small_kernel(x_ptr, y_ptr, m_ptr, lv_ptr, md_ptr, G, L, qmin, qmax, scale_div,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr, CODEBOOK: tl.constexpr,
-                     SYMMETRIC: tl.constexpr, RETURN_MASK: tl.constexpr):
+def _fq_small_kernel(x_ptr, y_ptr, m_ptr, lv_ptr, md_ptr, G, L, qmin, qmax, scale_div, codebook,
+                     symmetric, return_mask, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -119,11 +119,11 @@ def _fq_small_kernel(x_ptr, y_ptr, m_ptr, lv_ptr, md_ptr, G, L, qmin, qmax, scal
     lo = tl.where(lo < 0.0, lo, 0.0)
     hi = tl.max(x, axis=1)
     hi = tl.where(hi > 0.0, hi, 0.0)
-    scale, inv, zp = _params(lo, hi, qmax, scale_div, CODEBOOK, SYMMETRIC)
+    scale, inv, zp = _params(lo, hi, qmax, scale_div, codebook, symmetric)
     y, kept = _apply(x, scale[:, None], inv[:, None], zp[:, None], bad[:, None], qmin, qmax,
-                     lv_ptr, md_ptr, CODEBOOK)
+                     lv_ptr, md_ptr, codebook)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
-    if RETURN_MASK:
+    if return_mask:
         tl.store(m_ptr + offs, kept.to(tl.uint8), mask=inb)
 
 
@@ -147,7 +147,7 @@ def _fq_stats_kernel(x_ptr, lo_ptr, hi_ptr, bad_ptr, L, C, CHUNK_: tl.constexpr)
 
 @triton.jit
 def _fq_params_kernel(lo_ptr, hi_ptr, bad_ptr, scale_ptr, zp_ptr, gbad_ptr, C, qmax, scale_div,
-                      PBLOCK: tl.constexpr, CODEBOOK: tl.constexpr, SYMMETRIC: tl.constexpr):
+                      codebook, symmetric, PBLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     base = g * C
     lo_acc = tl.zeros([PBLOCK], tl.float32)
@@ -165,7 +165,7 @@ def _fq_params_kernel(lo_ptr, hi_ptr, bad_ptr, scale_ptr, zp_ptr, gbad_ptr, C, q
     lo = tl.min(lo_acc, axis=0)
     hi = tl.max(hi_acc, axis=0)
     bad = tl.max(bad_acc, axis=0)
-    scale, inv, zp = _params(lo, hi, qmax, scale_div, CODEBOOK, SYMMETRIC)
+    scale, inv, zp = _params(lo, hi, qmax, scale_div, codebook, symmetric)
     tl.store(scale_ptr + g, scale)
     tl.store(zp_ptr + g, zp)
     tl.store(gbad_ptr + g, bad)
@@ -173,8 +173,7 @@ def _fq_params_kernel(lo_ptr, hi_ptr, bad_ptr, scale_ptr, zp_ptr, gbad_ptr, C, q
 
 @triton.jit
 def _fq_apply_kernel(x_ptr, y_ptr, m_ptr, scale_ptr, zp_ptr, gbad_ptr, lv_ptr, md_ptr, L, C,
-                     qmin, qmax, CHUNK_: tl.constexpr, CODEBOOK: tl.constexpr,
-                     RETURN_MASK: tl.constexpr):
+                     qmin, qmax, codebook, return_mask, CHUNK_: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid // C
     c = pid % C
@@ -186,13 +185,10 @@ def _fq_apply_kernel(x_ptr, y_ptr, m_ptr, scale_ptr, zp_ptr, gbad_ptr, lv_ptr, m
     scale = tl.load(scale_ptr + g)
     zp = tl.load(zp_ptr + g)
     bad = tl.load(gbad_ptr + g) != 0
-    y, kept = _apply(x, scale, _reciprocal(scale), zp, bad, qmin, qmax, lv_ptr, md_ptr, CODEBOOK)
+    y, kept = _apply(x, scale, _reciprocal(scale), zp, bad, qmin, qmax, lv_ptr, md_ptr, codebook)
     tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
-    if RETURN_MASK:
+    if return_mask:
         tl.store(m_ptr + start + offs, kept.to(tl.uint8), mask=inb)
-
-
-_TABLES: dict = {}
 
 
 @triton.jit
@@ -204,41 +200,21 @@ def _fq_backward_kernel(g_ptr, m_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.where(keep, g, tl.zeros_like(g)), mask=inb)
 
 
-def _tables(device):
+_DUMMY: dict = {}
+
+
+def _dummy_mask(device):
+    """A uint8 buffer for the mask pointer when no mask is written (never touched)."""
     key = str(device)
-    t = _TABLES.get(key)
-    if t is None:
-        levels, mids = _nf4_tables(device)
-        t = _TABLES[key] = (levels.contiguous(), mids.contiguous())
-    return t
-
-
-def _check(x, group_size, bits, codebook, symmetric, scale_div):
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if x.numel() % group_size:
-        raise ValueError(f"group_size ({group_size}) must divide the number of elements of x ({x.numel()})")
-    if codebook not in (0, 1):
-        raise ValueError(f"codebook must be 0 (int) or 1 (nf4), got {codebook}")
-    if codebook == 1:
-        if bits != 4:
-            raise ValueError(f"bits must be 4 for the nf4 codebook, got {bits}")
-    else:
-        if not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in [2, 8], got {bits}")
-        if symmetric and not (scale_div > 0.0 and scale_div != float("inf")):
-            raise ValueError(f"scale_div must be a positive finite number, got {scale_div}")
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(1, dtype=torch.uint8, device=device)
+    return _DUMMY[key]
 
 
 def fake_quantize(x: torch.Tensor, group_size: int, bits: int, codebook: int, symmetric: bool,
-                  scale_div: float, return_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale_div: float, return_mask: bool, *, tables) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, mask): y = quantise-dequantise of x (x's dtype and shape), mask = the clipped-STE mask
     (bool, x's shape; empty unless return_mask). Same semantics as the CPU/CUDA kernels."""
-    group_size, bits, codebook = int(group_size), int(bits), int(codebook)
-    symmetric, return_mask = bool(symmetric), bool(return_mask)
-    _check(x, group_size, bits, codebook, symmetric, scale_div)
     xc = x.detach().contiguous()
     y = torch.empty_like(xc, memory_format=torch.contiguous_format)
     mask = (torch.empty(x.shape, dtype=torch.bool, device=x.device) if return_mask
@@ -257,18 +233,15 @@ def fake_quantize(x: torch.Tensor, group_size: int, bits: int, codebook: int, sy
     # scale_div rounded to fp32 once, as the other backends do (exact from here on).
     sdiv = float(torch.tensor(float(scale_div) if codebook == 0 and symmetric else 1.0,
                               dtype=torch.float32).item())
-    levels, mids = _tables(xc.device)
-    m_arg = mask.view(torch.uint8) if return_mask else y  # unused without return_mask
+    levels, mids = tables
+    m_arg = mask.view(torch.uint8) if return_mask else _dummy_mask(xc.device)
+    flags = (int(codebook), int(bool(symmetric)), int(bool(return_mask)))
     if L <= SMALL_GROUP_MAX:
         block = triton.next_power_of_2(L)
-        rows = max(1, min(TILE // block, triton.next_power_of_2(G)))
-        grid = (triton.cdiv(G, rows),)
-        _fq_small_kernel[grid](
-            xc, y, m_arg, levels, mids, G, L, qmin, qmax, sdiv,
-            ROWS=rows, BLOCK=block, CODEBOOK=codebook, SYMMETRIC=symmetric,
-            RETURN_MASK=return_mask, num_warps=8 if rows * block >= 4096 else 4,
-            enable_fp_fusion=False,
-        )
+        rows = max(1, TILE // block)
+        _fq_small_kernel[(triton.cdiv(G, rows),)](
+            xc, y, m_arg, levels, mids, G, L, qmin, qmax, sdiv, *flags, ROWS=rows, BLOCK=block,
+            num_warps=_warps(rows * block), enable_fp_fusion=False)
         return y, mask
     chunk = CHUNK
     C = triton.cdiv(L, chunk)
@@ -279,33 +252,58 @@ def fake_quantize(x: torch.Tensor, group_size: int, bits: int, codebook: int, sy
     scale = torch.empty(G, dtype=torch.float32, device=dev)
     zp = torch.empty(G, dtype=torch.float32, device=dev)
     gbad = torch.empty(G, dtype=torch.int32, device=dev)
-    warps = 8 if chunk >= 4096 else 4
-    _fq_stats_kernel[(G * C,)](xc, lo, hi, bad, L, C, CHUNK_=chunk, num_warps=warps,
+    _fq_stats_kernel[(G * C,)](xc, lo, hi, bad, L, C, CHUNK_=chunk, num_warps=_warps(chunk),
                                enable_fp_fusion=False)
-    _fq_params_kernel[(G,)](lo, hi, bad, scale, zp, gbad, C, qmax, sdiv, PBLOCK=PARTIAL_BLOCK,
-                            CODEBOOK=codebook, SYMMETRIC=symmetric, num_warps=4,
-                            enable_fp_fusion=False)
-    _fq_apply_kernel[(G * C,)](xc, y, m_arg, scale, zp, gbad, levels, mids, L, C, qmin, qmax,
-                               CHUNK_=chunk, CODEBOOK=codebook, RETURN_MASK=return_mask,
-                               num_warps=warps, enable_fp_fusion=False)
+    _fq_params_kernel[(G,)](lo, hi, bad, scale, zp, gbad, C, qmax, sdiv, flags[0], flags[1],
+                            PBLOCK=PARTIAL_BLOCK, num_warps=4, enable_fp_fusion=False)
+    _fq_apply_kernel[(G * C,)](xc, y, m_arg, scale, zp, gbad, levels, mids, L, C, qmin, qmax, flags[0],
+                               flags[2], CHUNK_=chunk, num_warps=_warps(chunk), enable_fp_fusion=False)
     return y, mask
+
+
+def _warps(elements):
+    return 8 if elements >= 4096 else 4
+
+
+BACKWARD_BLOCK = 4096
 
 
 def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The clipped STE's backward: grad where mask, else 0 (grad's dtype and shape)."""
-    if grad.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool, got {mask.dtype}")
-    if mask.shape != grad.shape:
-        raise ValueError(f"mask must have grad's shape {tuple(grad.shape)}, got {tuple(mask.shape)}")
-    if mask.device != grad.device:
-        raise ValueError(f"mask must be on grad's device {grad.device}, got {mask.device}")
     g = grad.detach().contiguous()
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
     n = g.numel()
     if n:
-        block = 4096
-        _fq_backward_kernel[(triton.cdiv(n, block),)](g, mask.contiguous().view(torch.uint8), out, n,
-                                                      BLOCK=block, num_warps=8)
+        _fq_backward_kernel[(triton.cdiv(n, BACKWARD_BLOCK),)](g, mask.contiguous().view(torch.uint8), out, n,
+                                                               BLOCK=BACKWARD_BLOCK, num_warps=8)
     return out
+
+
+def aot_configs():
+    """Every configuration the launchers above compile: per dtype, the small-group kernel at each
+    block (group sizes 1 to SMALL_GROUP_MAX), the large-group kernels and the STE backward."""
+    scalars = {"G": "i32", "L": "i32", "qmin": "fp32", "qmax": "fp32", "scale_div": "fp32", "codebook": "i32",
+               "symmetric": "i32", "return_mask": "i32"}
+    for t in ("fp32", "fp16", "bf16"):
+        block = 1
+        while block <= SMALL_GROUP_MAX:
+            yield dict(kernel=_fq_small_kernel, num_warps=_warps(max(1, TILE // block) * block),
+                       signature={"x_ptr": f"*{t}", "y_ptr": f"*{t}", "m_ptr": "*u8", "lv_ptr": "*fp32",
+                                  "md_ptr": "*fp32", **scalars},
+                       constexprs={"ROWS": max(1, TILE // block), "BLOCK": block})
+            block *= 2
+        yield dict(kernel=_fq_stats_kernel, num_warps=_warps(CHUNK),
+                   signature={"x_ptr": f"*{t}", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "bad_ptr": "*i32",
+                              "L": "i32", "C": "i32"}, constexprs={"CHUNK_": CHUNK})
+        yield dict(kernel=_fq_apply_kernel, num_warps=_warps(CHUNK),
+                   signature={"x_ptr": f"*{t}", "y_ptr": f"*{t}", "m_ptr": "*u8", "scale_ptr": "*fp32",
+                              "zp_ptr": "*fp32", "gbad_ptr": "*i32", "lv_ptr": "*fp32", "md_ptr": "*fp32",
+                              "L": "i32", "C": "i32", "qmin": "fp32", "qmax": "fp32", "codebook": "i32",
+                              "return_mask": "i32"}, constexprs={"CHUNK_": CHUNK})
+        yield dict(kernel=_fq_backward_kernel, num_warps=8,
+                   signature={"g_ptr": f"*{t}", "m_ptr": "*u8", "out_ptr": f"*{t}", "n": "i32"},
+                   constexprs={"BLOCK": BACKWARD_BLOCK})
+    yield dict(kernel=_fq_params_kernel, num_warps=4,
+               signature={"lo_ptr": "*fp32", "hi_ptr": "*fp32", "bad_ptr": "*i32", "scale_ptr": "*fp32",
+                          "zp_ptr": "*fp32", "gbad_ptr": "*i32", "C": "i32", "qmax": "fp32", "scale_div": "fp32",
+                          "codebook": "i32", "symmetric": "i32"}, constexprs={"PBLOCK": PARTIAL_BLOCK})
