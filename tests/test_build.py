@@ -20,8 +20,8 @@ def _cuda_expected() -> bool:
 
 def test_library_loads_and_registers_cpu_kernels():
     assert _lib.available(), _lib.load_error
-    for op, kinds in OPS.items():
-        assert ("cpu" in kinds) == _lib.has_kernel(op, "CPU"), op
+    for name, op in OPS.items():
+        assert ("cpu" in op.kernels) == _lib.has_kernel(name, "CPU"), name
 
 
 def test_cuda_kernels_registered_when_buildable():
@@ -30,8 +30,8 @@ def test_cuda_kernels_registered_when_buildable():
         assert info["cuda"], "nvcc and a CUDA torch are here, but lethe._C was built without CUDA"
     if info["cuda"]:
         assert "8.0" in info["cuda_archs"] or "9.0" in info["cuda_archs"], info
-        for op, kinds in OPS.items():
-            assert ("cuda" in kinds) == _lib.has_kernel(op, "CUDA"), f"lethe::{op}: declared {kinds}"
+        for name, op in OPS.items():
+            assert ("cuda" in op.kernels) == _lib.has_kernel(name, "CUDA"), f"lethe::{name}: declared {op.kernels}"
     else:
         for op in OPS:
             assert not _lib.has_kernel(op, "CUDA")
@@ -64,8 +64,33 @@ def test_import_without_compiled_library_warns_once_and_uses_reference(tmp_path)
         "assert torch.equal(x.grad, torch.ones_like(x))\n"
         "from lethe.ops.quant_reference import fake_quantize_codes\n"
         "assert torch.equal(y, fake_quantize_codes(x, 128, 4, 0, True, 7.5)[0])\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('lethe::fake_quantize', 'CPU')\n"
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_every_op_is_declared_once_with_its_twin():
+    # one declaration (lethe.ops._op.define_op) gives the schema, the fake kernel, the Triton twin
+    # with the same schema, and the OPS row
+    import torch
+
+    for name, op in OPS.items():
+        assert op.defined and op.triton, name
+        schema = torch.ops.lethe.__getattr__(name).default._schema
+        twin = torch.ops.lethe.__getattr__(f"{name}_triton").default._schema
+        assert [(a.name, str(a.type)) for a in schema.arguments] == [(a.name, str(a.type)) for a in twin.arguments]
+        assert [str(r.type) for r in schema.returns] == [str(r.type) for r in twin.returns]
+        assert "backends" not in op.kernels and set(op.backends) <= {"cpu", "cuda", "triton"}
+
+
+def test_triton_kernels_do_not_import_lethe_ops():
+    # dependencies point one way: lethe.ops imports lethe.triton_kernels, never the reverse
+    import pathlib
+    import re
+
+    for path in (pathlib.Path(lethe.__file__).parents[2] / "triton_kernels").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) lethe\.(ops|nn|integrations)", text, re.M), path

@@ -1,15 +1,20 @@
-"""shred family through the public API: native CPU kernels against the reference with gradients,
-reductions, opcheck, torch.compile, ShredLoss, the Hugging Face helper, and bad input."""
+"""shred family through the public API on every backend: the public functions against the
+reference with gradients and reductions, torch.compile, ShredLoss, the Hugging Face helper, and
+bad input."""
 import pytest
 import torch
 from torch import nn
 from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
+import backends as B
 import lethe
 from lethe.nn import ShredLoss
+from lethe.ops import _backend
 from lethe.ops import shred as S
 from lethe.ops import shred_reference as R
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[B.needs_gpu, pytest.mark.gpu])]
 
 
 def _problem(N=37, H=19, V=101, K=7, seed=0, dtype=torch.float32, bias=True, scale=1.0):
@@ -29,24 +34,24 @@ def _problem(N=37, H=19, V=101, K=7, seed=0, dtype=torch.float32, bias=True, sca
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("normalize", ["full", "topk"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_linear_topk_kl_matches_reference_with_gradients(reduction, normalize, bias):
+def test_fused_linear_topk_kl_matches_reference_with_gradients(backend, reduction, normalize, bias):
     hidden, weight, b, labels, ids, q = _problem(bias=bias)
     mask = labels != -100
     w = torch.rand(hidden.shape[0]) + 0.5
-    params = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
-    if bias:
-        params.append(b.clone().requires_grad_(True))
-    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    params = [hidden, weight] + ([b] if bias else [])
+    gy = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1)) if reduction == "none" else \
+        torch.tensor(1.7)
 
-    def run(ps, backend):
-        out = S.fused_linear_topk_kl(ps[0], ps[1], ids, q, bias=ps[2] if bias else None, mask=mask,
-                                     weights=w, reduction=reduction, normalize=normalize,
-                                     chunk_size=5, backend=backend)
-        gy = torch.randn_like(out, generator=torch.Generator().manual_seed(1)) if out.dim() else torch.tensor(1.7)
-        return out, torch.autograd.grad(out, ps, gy)
+    kw = dict(mask=mask, weights=w, reduction=reduction, normalize=normalize, chunk_size=5)
 
-    out, grads = run(params, None)
-    out_ref, grads_ref = run(ref_params, "reference")
+    def run(device, loss):
+        ps = [p.to(device).clone().requires_grad_(True) for p in params]
+        out = loss(ps[0], ps[1], ps[2] if bias else None)
+        return out.cpu(), [g.cpu() for g in torch.autograd.grad(out, ps, gy.to(out.device))]
+
+    out, grads = run(backend.device, lambda h, wt, bb: backend.public(S.fused_linear_topk_kl, h, wt, ids, q, bias=bb, **kw))
+    out_ref, grads_ref = run("cpu", lambda h, wt, bb: S.fused_linear_topk_kl(h, wt, ids, q, bias=bb, backend="reference",
+                                                                            **kw))
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for g, gr in zip(grads, grads_ref):
         torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
@@ -54,16 +59,16 @@ def test_fused_linear_topk_kl_matches_reference_with_gradients(reduction, normal
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("normalize", ["full", "topk"])
-def test_topk_kl_matches_reference_with_gradients(reduction, normalize):
+def test_topk_kl_matches_reference_with_gradients(backend, reduction, normalize):
     hidden, weight, b, labels, ids, q = _problem()
-    logits = (hidden @ weight.t() + b).requires_grad_(True)
     mask = labels != -100
     outs = []
-    for backend in (None, "reference"):
-        out = S.topk_kl(logits, ids, q, mask=mask, reduction=reduction, normalize=normalize, backend=backend)
-        gy = torch.ones_like(out) * 0.3
-        (g,) = torch.autograd.grad(out, logits, gy)
-        outs.append((out, g))
+    for run in (lambda z: backend.public(S.topk_kl, z, ids, q, mask=mask, reduction=reduction, normalize=normalize),
+                lambda z: S.topk_kl(z, ids, q, mask=mask, reduction=reduction, normalize=normalize, backend="reference")):
+        logits = (hidden @ weight.t() + b).to(backend.device if len(outs) == 0 else "cpu").requires_grad_(True)
+        out = run(logits)
+        (g,) = torch.autograd.grad(out, logits, torch.ones_like(out) * 0.3)
+        outs.append((out.cpu(), g.cpu()))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
 
@@ -179,25 +184,25 @@ def test_low_precision_inputs_accumulate_in_fp32():
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
 
 
-def test_teacher_pipeline_matches_reference():
-    B, T, H, V, K = 3, 11, 16, 53, 8
+def test_teacher_pipeline_matches_reference(backend):
+    Bn, T, H, V, K = 3, 11, 16, 53, 8
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(B, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g)
-    labels = torch.randint(0, V, (B, T), generator=g)
+    hidden = torch.randint(-3, 4, (Bn, T, H), generator=g).float()  # exact logits on every backend
+    weight = torch.randint(-3, 4, (V, H), generator=g).float()
+    labels = torch.randint(0, V, (Bn, T), generator=g)
     labels[0, :4] = -100
     labels[2] = -100  # a fully padded sequence
-    ids, lp, llp = S.teacher_topk(hidden, weight, labels, K, chunk_size=4)
-    assert ids.shape == (B, T, K) and lp.shape == (B, T, K) and llp.shape == (B, T)
+    ids, lp, llp = (t.cpu() for t in backend.public(S.teacher_topk, hidden, weight, labels, K, chunk_size=4))
+    assert ids.shape == (Bn, T, K) and lp.shape == (Bn, T, K) and llp.shape == (Bn, T)
     r_ids, r_lp, r_llp = R.teacher_topk_reference(hidden.reshape(-1, H), weight, None, labels.reshape(-1), K)
     assert torch.equal(ids.reshape(-1, K), r_ids)
     torch.testing.assert_close(lp.reshape(-1, K), r_lp)
     torch.testing.assert_close(llp.reshape(-1), r_llp)
-    forget = S.select_forget_positions(llp, labels, 0.5, skip=2)
+    forget = backend.public(S.select_forget_positions, llp, labels, 0.5, skip=2).cpu()
     assert torch.equal(forget, R.select_forget_positions_reference(llp, labels, 0.5, 2))
     assert not forget[2].any()
     for variant in ("A", "B"):
-        qq = S.demote_targets(ids, lp, labels, forget, variant, 0.3)
+        qq = backend.public(S.demote_targets, ids, lp, labels, forget, variant, 0.3).cpu()
         rq = R.demote_targets_reference(ids.reshape(-1, K), lp.reshape(-1, K), labels.reshape(-1),
                                         forget.reshape(-1), variant, 0.3)
         torch.testing.assert_close(qq.reshape(-1, K), rq)
@@ -227,8 +232,7 @@ def test_shred_loss_end_to_end_against_full_logits():
     assert (tg.probs[hit] == 0).all()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_compile_training_step_fullgraph(device, frozen_head):
     torch._dynamo.reset()
@@ -303,11 +307,16 @@ def test_opcheck_shred_ops():
                           (h.detach(), w.detach(), b, ids, q, None, torch.rand(9), False, 2, True, False, False))
 
 
-def test_native_kernels_are_used_on_cpu():
+SHRED_OPS = ("teacher_topk", "select_forget_positions", "demote_targets", "topk_kl", "topk_kl_backward",
+             "fused_linear_topk_kl")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_backend_is_native(device):
     from lethe import _lib
-    for op in ("teacher_topk", "select_forget_positions", "demote_targets", "topk_kl",
-               "topk_kl_backward", "fused_linear_topk_kl"):
-        assert _lib.has_kernel(op, "CPU"), op
+    for op in SHRED_OPS:
+        assert _lib.has_kernel(op, device.upper()), op
+        assert _backend.resolve(op, torch.zeros(1, device=device), "auto") == "native"
 
 
 @pytest.mark.parametrize(
@@ -327,7 +336,8 @@ def test_native_kernels_are_used_on_cpu():
         (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], normalize="k"), ValueError, "normalize must be"),
         (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], chunk_size=0), ValueError, "chunk_size"),
         (lambda p: S.fused_linear_topk_kl(p[0], p[1], p[4], p[5], mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have"),
-        (lambda p: S.topk_kl(p[0][:, :5], p[4], p[5]), ValueError, "K = 7 target ids exceed"),
+        (lambda p: S.topk_kl(p[0][:, :5], p[4], p[5]), ValueError,
+         "target_ids has K = 7 columns, more than the vocabulary size V = 5"),
         (lambda p: S.select_forget_positions(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 1.5), ValueError, "fraction"),
         (lambda p: S.select_forget_positions(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 0.5, -1), ValueError, "skip"),
         (lambda p: S.demote_targets(p[4], p[5].log(), p[3], p[3] > 0, "C"), ValueError, "variant"),
@@ -340,8 +350,7 @@ def test_bad_input(call, exc, match):
         call((hidden, weight, b, labels, ids, q))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_hf_causal_lm_helper(device, frozen_head):
     import transformers  # a test dependency (make deps installs it)
