@@ -12,7 +12,7 @@ BUILD_STAMP = build/.built-cuda$(LETHE_BUILD_CUDA)-$(subst ;,_,$(TORCH_CUDA_ARCH
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 
-.PHONY: all deps build test demo bench info clean
+.PHONY: all deps build test demo bench info gpu-check clean
 
 all: build
 
@@ -50,6 +50,13 @@ demo: build
 
 bench: build
 	$(PY) -m pytest -q -s -o python_files="bench_*.py" -p no:cacheprovider benchmarks --benchmark-columns=min,median,mean,rounds
+
+# The prepared check for a GPU machine (docs/architecture.md): build for sm_90a against the torch
+# found there, sanitizer, GPU tests, GPU benchmarks, a summary in OUT. Dry without a GPU.
+OUT ?= build/gpu-check
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PY=$(GPU_PY) tools/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build python/lethe/*.so python/lethe.egg-info
