@@ -74,7 +74,7 @@ def test_topk_kl_matches_reference_with_gradients(backend, reduction, normalize)
 
 
 def test_gradient_is_softmax_minus_q():
-    # DESIGN: gradient wrt logits = softmax(z) - q (K-sparse q), for sum reduction, full vocabulary
+    # the gradient wrt logits = softmax(z) - q (K-sparse q), for sum reduction, full vocabulary
     hidden, weight, b, labels, ids, q = _problem(N=6, V=30, K=5)
     z = (hidden @ weight.t() + b).requires_grad_(True)
     loss = S.topk_kl(z, ids, q, reduction="sum")

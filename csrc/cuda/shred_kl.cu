@@ -250,8 +250,7 @@ void raise_if_bad(const at::Tensor& ids, const at::Tensor& probs, int64_t V, cud
 std::tuple<at::Tensor, at::Tensor> topk_kl_cuda(const at::Tensor& logits, const at::Tensor& target_ids,
                                                 const at::Tensor& target_probs,
                                                 const std::optional<at::Tensor>& row_weight, bool full_normalize) {
-  check_backend_device(logits, "logits", true);
-  check_topk_kl_args(logits, target_ids, target_probs, row_weight);
+  check_topk_kl_args(logits, target_ids, target_probs, row_weight, true);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, V, true, false);
@@ -274,8 +273,7 @@ at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
                                  const at::Tensor& target_ids, const at::Tensor& target_probs,
                                  const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
                                  bool full_normalize, bool check_values) {
-  check_backend_device(logits, "logits", true);
-  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight);
+  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight, true);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, V, check_values, true);
@@ -300,10 +298,9 @@ FusedResult fused_linear_topk_kl_cuda(const at::Tensor& hidden, const at::Tensor
                                       const std::optional<at::Tensor>& grad_row_scale, bool full_normalize,
                                       int64_t chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias,
                                       bool check_values) {
-  check_backend_device(hidden, "hidden", true);
   const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, target_ids, target_probs, row_weight,
                                                         grad_row_scale, chunk_size, grad_hidden, grad_weight,
-                                                        grad_bias);
+                                                        grad_bias, true);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool grads = want.any();

@@ -154,8 +154,7 @@ int grid_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThread
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
-  check_backend_device(hidden, "hidden", true);
-  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
+  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size, true);
   const int64_t N = hidden.size(0), V = weight.size(0), K = k;
   TORCH_CHECK_VALUE(V < (int64_t(1) << 32) - 1, "weight has too many rows for the CUDA kernel: ", V);
   const c10::cuda::CUDAGuard guard(hidden.device());
@@ -229,8 +228,7 @@ __global__ void select_rank_kernel(const int64_t* __restrict__ order, const int6
 
 at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const at::Tensor& labels, double fraction,
                                         int64_t skip) {
-  check_backend_device(label_logprob, "label_logprob", true);
-  check_select_forget_positions_args(label_logprob, labels, fraction, skip);
+  check_select_forget_positions_args(label_logprob, labels, fraction, skip, true);
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
   // positions are the low 32 bits of the sort keys
   TORCH_CHECK_VALUE(T < (int64_t(1) << 32), "label_logprob has too many positions per row for the CUDA kernel: ", T);
@@ -272,8 +270,7 @@ __global__ void demote_kernel(const int64_t* __restrict__ ids, const scalar_t* _
 at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                                const at::Tensor& labels, const at::Tensor& forget_mask,
                                int64_t variant, double top_p) {
-  check_backend_device(topk_ids, "topk_ids", true);
-  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
+  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p, true);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));

@@ -1,8 +1,8 @@
 #pragma once
 // Argument checks of the shred family's ops, for the CPU and CUDA kernels: the checks of
-// python/lethe/ops/shred.py in the same order and words. Each backend first checks that the first
-// tensor argument is on its device (check_backend_device); every other tensor must be on that one's
-// device. Values held in tensors (labels, target ids and probabilities) are checked inside the
+// python/lethe/ops/shred.py in the same order and words. Each op's check first checks that its
+// first tensor argument is on the backend's device (cuda: the CUDA kernel's); every other tensor
+// must be on that one's device. Values held in tensors (labels, target ids and probabilities) are checked inside the
 // kernels (BadValue in lethe/checks.h).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -73,7 +73,8 @@ inline void check_logits(const at::Tensor& logits) {
 
 inline void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-                                    int64_t k, int64_t chunk_size) {
+                                    int64_t k, int64_t chunk_size, bool cuda) {
+  check_backend_device(hidden, "hidden", cuda);
   check_linear_head(hidden, weight, bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_dtype(labels, "labels", at::kLong);
@@ -85,7 +86,8 @@ inline void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& 
 }
 
 inline void check_select_forget_positions_args(const at::Tensor& label_logprob, const at::Tensor& labels,
-                                               double fraction, int64_t skip) {
+                                               double fraction, int64_t skip, bool cuda) {
+  check_backend_device(label_logprob, "label_logprob", cuda);
   check_float(label_logprob, "label_logprob");
   check_dims(label_logprob, "label_logprob", 2, "[B, T]");
   check_dtype(labels, "labels", at::kLong);
@@ -99,7 +101,8 @@ inline void check_select_forget_positions_args(const at::Tensor& label_logprob, 
 // labels and forget_mask: [N], or any shape of N elements.
 inline void check_demote_targets_args(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                                       const at::Tensor& labels, const at::Tensor& forget_mask,
-                                      int64_t variant, double top_p) {
+                                      int64_t variant, double top_p, bool cuda) {
+  check_backend_device(topk_ids, "topk_ids", cuda);
   check_dtype(topk_ids, "topk_ids", at::kLong);
   check_dims(topk_ids, "topk_ids", 2, "[N, K]");
   const int64_t N = topk_ids.size(0);
@@ -121,7 +124,8 @@ inline void check_demote_targets_args(const at::Tensor& topk_ids, const at::Tens
 
 // Returns K.
 inline int64_t check_topk_kl_args(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& q,
-                                  const std::optional<at::Tensor>& row_weight) {
+                                  const std::optional<at::Tensor>& row_weight, bool cuda) {
+  check_backend_device(logits, "logits", cuda);
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t K = check_targets(ids, q, N, V, logits, "logits");
@@ -131,7 +135,8 @@ inline int64_t check_topk_kl_args(const at::Tensor& logits, const at::Tensor& id
 
 inline int64_t check_topk_kl_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
                                            const at::Tensor& ids, const at::Tensor& q, const at::Tensor& lse,
-                                           const std::optional<at::Tensor>& row_weight) {
+                                           const std::optional<at::Tensor>& row_weight, bool cuda) {
+  check_backend_device(logits, "logits", cuda);
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_row_vector(grad_loss, "grad_loss", N, logits, "logits");
@@ -149,13 +154,14 @@ struct GradMask {
   bool any() const { return h || w || b; }
 };
 
-// The checks after the backend's own device check of hidden; returns the gradients to compute.
+// Returns the gradients to compute.
 inline GradMask check_fused_linear_topk_kl_args(const at::Tensor& hidden, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& ids,
                                                 const at::Tensor& q, const std::optional<at::Tensor>& row_weight,
                                                 const std::optional<at::Tensor>& grad_row_scale,
                                                 int64_t chunk_size, bool grad_hidden, bool grad_weight,
-                                                bool grad_bias) {
+                                                bool grad_bias, bool cuda) {
+  check_backend_device(hidden, "hidden", cuda);
   check_linear_head(hidden, weight, bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_targets(ids, q, N, V, hidden, "hidden");

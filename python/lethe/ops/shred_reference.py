@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the shred family: the definitions every SHRED kernel is tested against.
 
-SHRED (retain-set-free unlearning by self-distillation with logit demotion), per DESIGN.md:
+SHRED ("SHRED: Retain-Set-Free Unlearning via Self-Distillation with Logit Demotion", 2026):
   1. teacher_topk: one frozen teacher pass per forget example gives, per token, the teacher's top-K
      token ids and log-probabilities (normalised over the full vocabulary) and the label's
      log-probability.
@@ -11,7 +11,7 @@ SHRED (retain-set-free unlearning by self-distillation with logit demotion), per
   4. topk_kl: sum_t KL(q_t || softmax(z_t)), forward KL, T = 1; log-softmax over the full
      vocabulary (or, with normalize="topk", over the K target ids).
 
-All arithmetic in fp32; inputs may be fp32, fp16 or bf16.
+All arithmetic in fp32 (demotion: fp64, see demote_targets_reference); inputs may be fp32, fp16 or bf16.
 """
 from __future__ import annotations
 
