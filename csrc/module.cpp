@@ -63,6 +63,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_cache_release", [] { lethe::cpu_cache_release(); });
 #ifdef LETHE_WITH_CUDA
   m.def("check_errors", &lethe::cuda::check_errors, py::arg("device"), py::arg("wait"),
+        py::call_guard<py::gil_scoped_release>(),
         "Raise the first bad input a CUDA kernel recorded on the device (after waiting for it).");
 #endif
 }

@@ -25,8 +25,8 @@ def pytest_runtest_logreport(report):
     """With LETHE_TEST_LOG=path, every test's outcome is appended there as one JSON line as it
     finishes (tools/gpu_check.sh summarises them; a run stopped at its time limit keeps them)."""
     path = os.environ.get("LETHE_TEST_LOG")
-    if not path or (report.when != "call" and report.outcome == "passed"):
-        return
+    if not path or (report.when != "call" and report.outcome == "passed") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # (under pytest-xdist the controller writes what the workers report)
     if report.when == "setup" and report.outcome == "passed":
         return
     import json

@@ -94,3 +94,22 @@ def test_triton_kernels_do_not_import_lethe_ops():
     for path in (pathlib.Path(lethe.__file__).parents[2] / "triton_kernels").glob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(from|import) lethe\.(ops|nn|integrations)", text, re.M), path
+
+
+def test_cuda_build_ships_ptx_for_newer_gpus():
+    # SASS for each arch of the list, and the PTX of the highest one (compute_90: arch-specific 9.0a
+    # PTX would not JIT on Blackwell), so that a newer GPU finds a kernel image
+    import glob
+    import pathlib
+
+    import triton
+
+    if not _lib.build_info()["cuda"]:
+        return  # a CPU-only build ships no GPU code (test_cuda_kernels_registered_when_buildable)
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    so = glob.glob(os.path.join(os.path.dirname(lethe.__file__), "_C*.so"))[0]
+    ptx = subprocess.run([str(tool), "--list-ptx", so], capture_output=True, text=True, check=True).stdout
+    elf = subprocess.run([str(tool), "--list-elf", so], capture_output=True, text=True, check=True).stdout
+    assert ".sm_90.ptx" in ptx and "sm_90a" not in ptx, ptx
+    for arch in _lib.build_info()["cuda_archs"].split(";"):
+        assert f"sm_{arch.replace('.', '')}" in elf, (arch, elf)

@@ -92,3 +92,11 @@ def test_every_launch_is_a_compiled_configuration(launches):
     assert kernels == {c["kernel"].__name__ for c in configs}, "a kernel is never launched, or not compiled"
     for launch in launches:
         assert any(_matches(launch, c) for c in configs), (launch[0], launch[2])
+
+
+def test_kernels_run_where_they_can():
+    # without a GPU the kernels can only run interpreted, which must be on before they are defined
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernels = {c["kernel"] for m in (quant, shred_kl, shred_teacher) for c in m.aot_configs()}
+    assert B.GPU or (B.INTERPRETED and all(isinstance(k, InterpretedFunction) for k in kernels))

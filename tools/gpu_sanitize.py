@@ -79,10 +79,12 @@ def select_and_quant():
     for dtype in (torch.float32, torch.bfloat16):
         for group in (64, 4097):
             base = torch.randn(3 * group + 1, generator=g).to(dtype)
-            for x in (base[:-1].view(3, group), base[1:].view(3, group)):  # 16-byte vectors, then scalar
-                got = ops.fake_quantize(x.cuda(), group, 4, 0, True, 7.5, True)
-                want = ops.fake_quantize(x, group, 4, 0, True, 7.5, True)
-                expect(f"fake_quantize {dtype} group={group} offset={x.storage_offset()}",
+            based = base.cuda()
+            for offset in (0, 1):  # 16-byte vectors, then the scalar path (a misaligned view on the GPU)
+                x = based[offset:offset + 3 * group].view(3, group)
+                got = ops.fake_quantize(x, group, 4, 0, True, 7.5, True)
+                want = ops.fake_quantize(base[offset:offset + 3 * group].view(3, group), group, 4, 0, True, 7.5, True)
+                expect(f"fake_quantize {dtype} group={group} offset={offset} aligned={x.data_ptr() % 16 == 0}",
                        torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]))
 
 

@@ -13,6 +13,7 @@ Exits 1 on a spill, unless the kernel is listed in tools/spills_allowed.txt with
 usage: python tools/ptxas_report.py [build/build.log]"""
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -92,17 +93,25 @@ def _compile_one(task):
     if missing:
         raise ValueError(f"{module}.aot_configs: {fn.__name__} has no type for {missing}")
     signature = {a: "constexpr" if a in constexprs else cfg["signature"][a] for a in fn.arg_names}
-    # the JIT's specialisation for 16-byte aligned pointers (every torch allocation is)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")}
+    # the JIT's specialisation: 16-byte aligned pointers (every torch allocation is), and sizes
+    # divisible by 16 (vocabularies, hidden sizes); flags are do_not_specialize in the kernels
+    plain = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if signature[a].startswith("*") or (signature[a] in ("i32", "i64") and a not in plain)}
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg["num_warps"], "enable_fp_fusion": False})
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    try:
+        ptxas = get_ptxas(arch)
+    except TypeError:  # Triton versions before the arch argument
+        ptxas = get_ptxas()
+    ptxas = getattr(ptxas, "path", ptxas[0] if isinstance(ptxas, tuple) else ptxas)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", ptx, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
     text = out.stdout + out.stderr
     props, used = PROPS.search(text), USED.search(text)
     dtypes = sorted({v for v in cfg["signature"].values() if v.startswith("*") and v not in ("*i64", "*i32", "*u8")})
@@ -144,7 +153,8 @@ def triton_entries():
     tasks = [(m, i, a) for m in _triton_modules() for i in range(len(_triton_configs(m))) for a in TRITON_ARCHS]
     print(f"ptxas report: compiling {len(tasks)} Triton kernel configurations for sm_80 and sm_90a ...",
           flush=True)
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    # spawned, not forked: the workers import the kernels afresh, without the interpreter
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_compile_one, tasks))
     entries = {f"{e['kernel']}@{e['arch']}": e for e in results}
     os.makedirs(os.path.dirname(TRITON_STORE), exist_ok=True)
@@ -153,6 +163,7 @@ def triton_entries():
 
 
 def main(argv):
+    os.environ.pop("TRITON_INTERPRET", None)  # real kernels, also in the workers it starts
     sys.path.insert(0, os.path.join(ROOT, "python"))
     from lethe import _lib
 

@@ -103,7 +103,7 @@ def _apply(x, scale, inv, zp, bad, qmin, qmax, lv_ptr, md_ptr, codebook):
     return y, kept
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["codebook", "symmetric", "return_mask"])  # no variant per flag value
 def _fq_small_kernel(x_ptr, y_ptr, m_ptr, lv_ptr, md_ptr, G, L, qmin, qmax, scale_div, codebook,
                      symmetric, return_mask, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -145,7 +145,7 @@ def _fq_stats_kernel(x_ptr, lo_ptr, hi_ptr, bad_ptr, L, C, CHUNK_: tl.constexpr)
     tl.store(bad_ptr + pid, bad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["codebook", "symmetric"])
 def _fq_params_kernel(lo_ptr, hi_ptr, bad_ptr, scale_ptr, zp_ptr, gbad_ptr, C, qmax, scale_div,
                       codebook, symmetric, PBLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
@@ -171,7 +171,7 @@ def _fq_params_kernel(lo_ptr, hi_ptr, bad_ptr, scale_ptr, zp_ptr, gbad_ptr, C, q
     tl.store(gbad_ptr + g, bad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["codebook", "return_mask"])
 def _fq_apply_kernel(x_ptr, y_ptr, m_ptr, scale_ptr, zp_ptr, gbad_ptr, lv_ptr, md_ptr, L, C,
                      qmin, qmax, codebook, return_mask, CHUNK_: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)

@@ -118,7 +118,10 @@ def _run_sums(ids, c, carry_id, carry, K, k0, BLOCK_K: tl.constexpr):
     return sums, tl.sum(tl.where(kk == last, ids, 0), axis=0), tl.sum(tl.where(kk == last, sums, 0.0), axis=0)
 
 
-@triton.jit
+_FLAGS = ["full", "has_b", "has_w", "do_loss", "store_lse", "do_grad", "lse_given", "fused"]
+
+
+@triton.jit(do_not_specialize=_FLAGS)  # a flag of 1 would otherwise compile another variant
 def _kl_row_kernel(z_ptr, out_ptr, b_ptr, ids_ptr, q_ptr, w_ptr, g_ptr, lse_in_ptr, loss_ptr,
                    lse_ptr, scratch_ptr, row0, V, K, full, has_b, has_w, do_loss, store_lse,
                    do_grad, lse_given, fused, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -202,7 +205,13 @@ def _kl_row_kernel(z_ptr, out_ptr, b_ptr, ids_ptr, q_ptr, w_ptr, g_ptr, lse_in_p
                 q = tl.load(q_ptr + r * K + kk, mask=kin, other=0.0)
                 sums, carry_id, carry = _run_sums(ids, tl.where(ok, -(coef * q), 0.0), carry_id, carry,
                                                   K, k0, BLOCK_K)
-                total = tl.load(orow + ids, mask=last, other=0.0).to(tl.float32) + sums
+                if fused:  # in place and fp32: the row holds the softmax part exactly
+                    total = tl.load(orow + ids, mask=last, other=0.0).to(tl.float32) + sums
+                else:  # out may be fp16/bf16: the softmax part again from z, so the total is rounded once
+                    zid = tl.load(zrow + ids, mask=last, other=0.0).to(tl.float32)
+                    if has_b:
+                        zid = zid + tl.load(b_ptr + ids, mask=last, other=0.0)
+                    total = _softmax_part(a, zid, lse) + sums
             else:
                 total = tl.load(srow + kk, mask=last, other=0.0)
             tl.store(orow + ids, total.to(orow.dtype.element_ty), mask=last)

@@ -158,7 +158,7 @@ def _select_keys_kernel(v_ptr, l_ptr, keys_ptr, n_ptr, T, skip, BLOCK_T: tl.cons
     tl.store(n_ptr + pid, n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_p_bits", "nucleus"])  # no variant per flag or top_p value
 def _demote_row_kernel(ids_ptr, lp_ptr, labels_ptr, forget_ptr, q_ptr, K, top_p_bits, nucleus,
                        BLOCK_K: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)

@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_
                                                      int64_t bits, int64_t codebook,
                                                      bool symmetric, double scale_div,
                                                      bool return_mask) {
-  check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div, false);
+  check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = cached_empty(x.sizes(), x.scalar_type());
   at::Tensor mask = cached_empty(return_mask ? x.sizes() : at::IntArrayRef{0}, at::kBool);
@@ -221,7 +221,7 @@ void masked_copy(const bits_t* g, const bool* m, bits_t* out, int64_t n) {
 }
 
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
-  check_fake_quantize_backward_args(grad, mask, false);
+  check_fake_quantize_backward_args(grad, mask);
   const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
   at::Tensor out = cached_empty(grad.sizes(), grad.scalar_type());
   const int64_t n = grad.numel();

@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_cpu(const at::Tensor& logits,
                                                const at::Tensor& target_probs,
                                                const std::optional<at::Tensor>& row_weight,
                                                bool full_normalize) {
-  check_topk_kl_args(logits, target_ids, target_probs, row_weight, false);
+  check_topk_kl_args(logits, target_ids, target_probs, row_weight);
   const int64_t N = logits.size(0), V = logits.size(1);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V);
   at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
@@ -273,7 +273,7 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
                                 const at::Tensor& target_ids, const at::Tensor& target_probs,
                                 const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
                                 bool full_normalize, bool check_values) {
-  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight, false);
+  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight);
   const int64_t N = logits.size(0), V = logits.size(1);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
   at::Tensor out = cached_empty({N, V}, logits.scalar_type());
@@ -340,7 +340,7 @@ FusedResult fused_linear_topk_kl_cpu(
     bool check_values) {
   const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, target_ids, target_probs, row_weight,
                                                         grad_row_scale, chunk_size, grad_hidden, grad_weight,
-                                                        grad_bias, false);
+                                                        grad_bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, N, V, check_values);
   at::Tensor loss = at::empty({N}, at::TensorOptions().dtype(at::kFloat));

@@ -116,7 +116,7 @@ void teacher_row(const float* z, int64_t V, int64_t K, int64_t label, std::vecto
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
-  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size, false);
+  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
   const int64_t N = hidden.size(0), V = weight.size(0), K = k;
   const at::Tensor lab = labels.contiguous();
   const int64_t* lab_p = lab.const_data_ptr<int64_t>();
@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
 
 at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at::Tensor& labels,
                                        double fraction, int64_t skip) {
-  check_select_forget_positions_args(label_logprob, labels, fraction, skip, false);
+  check_select_forget_positions_args(label_logprob, labels, fraction, skip);
 
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
   at::Tensor out = at::zeros({B, T}, label_logprob.options().dtype(at::kBool));
@@ -199,7 +199,7 @@ at::Tensor select_forget_positions_cpu(const at::Tensor& label_logprob, const at
 at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                               const at::Tensor& labels, const at::Tensor& forget_mask,
                               int64_t variant, double top_p) {
-  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p, false);
+  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
 
   at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));

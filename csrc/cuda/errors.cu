@@ -3,9 +3,11 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 
 #include "errors.cuh"
 
@@ -19,6 +21,7 @@ struct Slot {
   BadValueRecord* host = nullptr;  // host-mapped: kernels write it through `device`
   BadValueRecord* device = nullptr;
   std::once_flag once;
+  std::mutex taking;  // one host thread takes the record at a time (autograd's thread, the user's)
 };
 
 std::array<Slot, kMaxDevices> slots;
@@ -28,8 +31,14 @@ Slot& slot(int device) {
   Slot& s = slots[device];
   std::call_once(s.once, [&] {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    // the first lethe op on a device may run inside a CUDA-graph capture, which refuses an
+    // allocation in the default (global) capture mode: relaxed for this call only
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     void* p = nullptr;
-    C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(BadValueRecord), cudaHostAllocMapped | cudaHostAllocPortable));
+    const cudaError_t err = cudaHostAlloc(&p, sizeof(BadValueRecord), cudaHostAllocMapped | cudaHostAllocPortable);
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    C10_CUDA_CHECK(err);
     std::memset(p, 0, sizeof(BadValueRecord));
     s.host = static_cast<BadValueRecord*>(p);
     void* d = nullptr;
@@ -39,19 +48,25 @@ Slot& slot(int device) {
   return s;
 }
 
-// Take the record (and clear it); false when none.
-bool take(int device, BadValueRecord* out) {
-  volatile BadValueRecord* r = slot(device).host;
-  if (r->code == 0) return false;
-  out->code = r->code;
-  out->row = r->row;
-  out->value = r->value;
-  out->bound = r->bound;
-  out->fvalue = r->fvalue;
-  out->tol = r->tol;
+// Take the record (and clear it), if a kernel wrote one.
+std::optional<BadValueRecord> take(int device) {
+  Slot& s = slot(device);
+  std::lock_guard<std::mutex> lock(s.taking);
+  volatile BadValueRecord* r = s.host;
+  if (r->code == 0) return std::nullopt;
+  std::atomic_thread_fence(std::memory_order_acquire);  // the fields after the code (the kernel wrote them first)
+  BadValueRecord out;
+  out.code = r->code;
+  out.claim = 1;
+  out.row = r->row;
+  out.value = r->value;
+  out.bound = r->bound;
+  out.fvalue = r->fvalue;
+  out.tol = r->tol;
   r->code = 0;
+  std::atomic_thread_fence(std::memory_order_release);
   r->claim = 0;  // last: a kernel may claim the record again from here on
-  return true;
+  return out;
 }
 
 constexpr const char* kDeferred =
@@ -61,8 +76,7 @@ constexpr const char* kDeferred =
 }  // namespace
 
 BadValueRecord* bad_value_record(int device) {
-  BadValueRecord rec;
-  if (take(device, &rec)) raise_bad_value(rec, kDeferred);
+  if (const auto rec = take(device)) raise_bad_value(*rec, kDeferred);
   return slot(device).device;
 }
 
@@ -74,11 +88,13 @@ bool sync_checks() {
   return on;
 }
 
-bool bad_value_found(int device, cudaStream_t stream) {
-  if (!sync_checks()) return false;
+void raise_found(int device, cudaStream_t stream, const std::function<void()>& check_on_host) {
+  if (!sync_checks()) return;
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  BadValueRecord rec;
-  return take(device, &rec);
+  if (const auto rec = take(device)) {
+    check_on_host();  // raises the CPU kernels' message for this call's inputs
+    raise_bad_value(*rec, kDeferred);  // the record came from another call (another stream or thread)
+  }
 }
 
 void check_errors(int device, bool wait) {

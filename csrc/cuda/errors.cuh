@@ -10,6 +10,8 @@
 // Nothing here blocks CUDA-graph capture, except LETHE_SYNC_CHECKS=1.
 #include <cuda_runtime.h>
 
+#include <functional>
+
 #include "lethe/checks.h"
 
 namespace lethe {
@@ -21,9 +23,10 @@ BadValueRecord* bad_value_record(int device);
 // Whether LETHE_SYNC_CHECKS=1.
 bool sync_checks();
 
-// Under LETHE_SYNC_CHECKS=1: wait for stream and return whether a kernel recorded a bad value
-// (the record is then cleared: the caller raises the CPU's message). Else false, at once.
-bool bad_value_found(int device, cudaStream_t stream);
+// Under LETHE_SYNC_CHECKS=1: wait for stream, and when a kernel recorded a bad value, raise:
+// check_on_host() (the CPU kernels' check on host copies of the call's inputs) first, else the
+// record. Else nothing, at once.
+void raise_found(int device, cudaStream_t stream, const std::function<void()>& check_on_host);
 
 // Raise the pending record of device (after waiting for it when wait).
 void check_errors(int device, bool wait);

@@ -70,12 +70,14 @@ struct Operand {
   bool trans;
 };
 
-// X [rows, cols] with unit stride along one of its dimensions.
+// X [rows, cols] with unit stride along one of its dimensions (a size-1 dimension's stride is
+// meaningless: its row stride is then taken as the minimum, the row's length).
 inline Operand operand(const at::Tensor& X) {
-  if (X.stride(1) == 1 || X.size(1) == 1) return {X.const_data_ptr(), std::max<int64_t>(X.stride(0), X.size(1)), false};
+  if (X.stride(1) == 1 || X.size(1) == 1)
+    return {X.const_data_ptr(), X.size(0) == 1 ? std::max<int64_t>(X.size(1), 1) : X.stride(0), false};
   TORCH_CHECK(X.stride(0) == 1 || X.size(0) == 1, "lethe gemm: an operand needs a unit stride, got strides ",
               X.strides());
-  return {X.const_data_ptr(), std::max<int64_t>(X.stride(1), X.size(0)), true};
+  return {X.const_data_ptr(), X.size(1) == 1 ? std::max<int64_t>(X.size(0), 1) : X.stride(1), true};
 }
 
 struct Device {

@@ -295,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64
                                                       int64_t bits, int64_t codebook,
                                                       bool symmetric, double scale_div,
                                                       bool return_mask) {
-  check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div, true);
+  check_fake_quantize_args(x, group_size, bits, codebook, symmetric, scale_div);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
-  check_fake_quantize_backward_args(grad, mask, true);
+  check_fake_quantize_backward_args(grad, mask);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous(), mc = mask.contiguous();
   at::Tensor out = at::empty_like(gc, at::MemoryFormat::Contiguous);

@@ -10,7 +10,7 @@ namespace cuda {
 
 constexpr unsigned kFull = 0xffffffffu;
 
-template <typename T>  // float, or int64_t for exact counts
+template <typename T>  // float, double, or int64_t for exact counts
 __device__ __forceinline__ T warp_sum(T v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
   return v;

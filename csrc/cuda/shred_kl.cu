@@ -206,6 +206,11 @@ __global__ void fused_rows_kernel(float* __restrict__ z, const float* __restrict
 
 at::Tensor to_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// One block per row: the grid's x dimension holds at most 2^31 - 1 blocks.
+void check_grid(int64_t rows, const char* name) {
+  TORCH_CHECK_VALUE(rows < (int64_t(1) << 31), name, " has too many rows for the CUDA kernel: ", rows);
+}
+
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
 struct Targets {
@@ -228,7 +233,7 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
   t.ids = target_ids.contiguous();
   t.q = to_f32(target_probs);
   if (sorted && t.ids.size(1) > 1) {
-    auto [ids, order] = at::sort(t.ids, 1);
+    auto [ids, order] = at::sort(t.ids, /*stable=*/true, 1, false);  // deterministic order within a run
     t.ids = ids.contiguous();
     t.q = at::gather(t.q, 1, order).contiguous();
   }
@@ -242,17 +247,19 @@ Targets prepare_targets(const at::Tensor& target_ids, const at::Tensor& target_p
 
 // Under LETHE_SYNC_CHECKS=1: wait, and raise the CPU kernels' message for bad target values.
 void raise_if_bad(const at::Tensor& ids, const at::Tensor& probs, int64_t V, cudaStream_t stream) {
-  if (cuda::bad_value_found(ids.get_device(), stream))
+  cuda::raise_found(ids.get_device(), stream, [&] {
     check_target_values(ids.cpu().contiguous(), probs.cpu().to(at::kFloat).contiguous(), V,
                         target_sum_tol(probs.scalar_type()), true);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_kl_cuda(const at::Tensor& logits, const at::Tensor& target_ids,
                                                 const at::Tensor& target_probs,
                                                 const std::optional<at::Tensor>& row_weight, bool full_normalize) {
-  check_topk_kl_args(logits, target_ids, target_probs, row_weight, true);
+  check_topk_kl_args(logits, target_ids, target_probs, row_weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
+  check_grid(N, "logits");
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, V, true, false);
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
@@ -273,9 +280,10 @@ at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& 
                                  const at::Tensor& target_ids, const at::Tensor& target_probs,
                                  const at::Tensor& lse, const std::optional<at::Tensor>& row_weight,
                                  bool full_normalize, bool check_values) {
-  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight, true);
+  check_topk_kl_backward_args(grad_loss, logits, target_ids, target_probs, lse, row_weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
+  check_grid(N, "logits");
   const Targets t = prepare_targets(target_ids, target_probs, row_weight, V, check_values, true);
   at::Tensor out = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
@@ -300,7 +308,7 @@ FusedResult fused_linear_topk_kl_cuda(const at::Tensor& hidden, const at::Tensor
                                       bool check_values) {
   const GradMask want = check_fused_linear_topk_kl_args(hidden, weight, bias, target_ids, target_probs, row_weight,
                                                         grad_row_scale, chunk_size, grad_hidden, grad_weight,
-                                                        grad_bias, true);
+                                                        grad_bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool grads = want.any();

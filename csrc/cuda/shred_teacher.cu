@@ -154,9 +154,9 @@ int grid_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThread
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t k, int64_t chunk_size) {
-  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size, true);
+  check_teacher_topk_args(hidden, weight, bias, labels, k, chunk_size);
   const int64_t N = hidden.size(0), V = weight.size(0), K = k;
-  TORCH_CHECK_VALUE(V < (int64_t(1) << 32) - 1, "weight has too many rows for the CUDA kernel: ", V);
+  TORCH_CHECK_VALUE(V < (int64_t(1) << 31), "weight has too many rows for the CUDA kernel: ", V);
   const c10::cuda::CUDAGuard guard(hidden.device());
   BadValueRecord* bad = cuda::bad_value_record(hidden.get_device());  // raises one recorded earlier
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
         ids.mutable_data_ptr<int64_t>() + s * K, lp.mutable_data_ptr<float>() + s * K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (cuda::bad_value_found(hidden.get_device(), stream)) check_label_values(lab.cpu(), V);
+  cuda::raise_found(hidden.get_device(), stream, [&] { check_label_values(lab.cpu(), V); });
   return {ids, lp, label_lp};
 }
 
@@ -228,10 +228,11 @@ __global__ void select_rank_kernel(const int64_t* __restrict__ order, const int6
 
 at::Tensor select_forget_positions_cuda(const at::Tensor& label_logprob, const at::Tensor& labels, double fraction,
                                         int64_t skip) {
-  check_select_forget_positions_args(label_logprob, labels, fraction, skip, true);
+  check_select_forget_positions_args(label_logprob, labels, fraction, skip);
   const int64_t B = label_logprob.size(0), T = label_logprob.size(1);
   // positions are the low 32 bits of the sort keys
   TORCH_CHECK_VALUE(T < (int64_t(1) << 32), "label_logprob has too many positions per row for the CUDA kernel: ", T);
+  TORCH_CHECK_VALUE(B < (int64_t(1) << 31), "label_logprob has too many rows for the CUDA kernel: ", B);
   const c10::cuda::CUDAGuard guard(label_logprob.device());
   at::Tensor out = at::empty({B, T}, label_logprob.options().dtype(at::kBool));
   if (B == 0 || T == 0) return out;
@@ -270,7 +271,7 @@ __global__ void demote_kernel(const int64_t* __restrict__ ids, const scalar_t* _
 at::Tensor demote_targets_cuda(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                                const at::Tensor& labels, const at::Tensor& forget_mask,
                                int64_t variant, double top_p) {
-  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p, true);
+  check_demote_targets_args(topk_ids, topk_logprobs, labels, forget_mask, variant, top_p);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1);
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   at::Tensor q = at::empty({N, K}, topk_logprobs.options().dtype(at::kFloat));

@@ -8,8 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <ostream>
 #include <string>
 
 // Dispatch over the three accepted float dtypes only (no double instantiations).
@@ -39,6 +41,15 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// A float in a message as Python's %g prints it: NaN as "nan" whatever its sign (glibc: "-nan").
+struct Num {
+  double v;
+};
+inline std::ostream& operator<<(std::ostream& os, Num n) {
+  if (std::isnan(n.v)) return os << "nan";
+  return os << n.v;
+}
+
 inline bool is_float(const at::Tensor& t) {
   const auto s = t.scalar_type();
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
@@ -63,13 +74,6 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
                               const char* ref_name) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref_name, "'s device (",
                     ref.device(), "), got ", t.device());
-}
-
-// The first tensor argument is on the backend's device (the dispatcher sends CUDA tensors to a
-// CPU kernel only when another argument is on the CPU: that one's check names it).
-inline void check_backend_device(const at::Tensor& t, const char* name, bool cuda) {
-  TORCH_CHECK_VALUE(t.is_cuda() == cuda, name, " must be a ", cuda ? "CUDA" : "CPU", " tensor for the ",
-                    cuda ? "CUDA" : "CPU", " kernel, got ", t.device());
 }
 
 // An optional float vector [N] on ref's device (row_weight, grad_row_scale, grad_loss, lse).
@@ -108,10 +112,10 @@ struct BadValueRecord {
       TORCH_CHECK_VALUE(false, "target_ids must be in [0, V) = [0, ", r.bound, "), got ", r.value,
                         " in row ", r.row, note);
     case BadValue::kTargetNegative:
-      TORCH_CHECK_VALUE(false, "target_probs must be non-negative, got ", r.fvalue, " in row ", r.row, note);
+      TORCH_CHECK_VALUE(false, "target_probs must be non-negative, got ", Num{r.fvalue}, " in row ", r.row, note);
     case BadValue::kTargetSum:
-      TORCH_CHECK_VALUE(false, "target_probs rows must sum to 1 (within ", r.tol,
-                        ") or be all zero, row ", r.row, " sums to ", r.fvalue, note);
+      TORCH_CHECK_VALUE(false, "target_probs rows must sum to 1 (within ", Num{r.tol},
+                        ") or be all zero, row ", r.row, " sums to ", Num{r.fvalue}, note);
     case BadValue::kLabel:
       TORCH_CHECK_VALUE(false, "labels must be in [0, V) = [0, ", r.bound, ") or -100, got ", r.value,
                         " at index ", r.row, note);

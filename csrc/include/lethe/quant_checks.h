@@ -7,10 +7,8 @@
 
 namespace lethe {
 
-// cuda: the backend's device kind, checked first (as in lethe/shred_checks.h).
 inline void check_fake_quantize_args(const at::Tensor& x, int64_t group_size, int64_t bits,
-                                     int64_t codebook, bool symmetric, double scale_div, bool cuda) {
-  check_backend_device(x, "x", cuda);
+                                     int64_t codebook, bool symmetric, double scale_div) {
   check_float(x, "x");
   TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", group_size);
   TORCH_CHECK_VALUE(x.numel() % group_size == 0, "group_size (", group_size,
@@ -22,13 +20,12 @@ inline void check_fake_quantize_args(const at::Tensor& x, int64_t group_size, in
     TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "bits must be in [2, 8], got ", bits);
     if (symmetric) {
       TORCH_CHECK_VALUE(scale_div > 0.0 && std::isfinite(scale_div),
-                        "scale_div must be a positive finite number, got ", scale_div);
+                        "scale_div must be a positive finite number, got ", Num{scale_div});
     }
   }
 }
 
-inline void check_fake_quantize_backward_args(const at::Tensor& grad, const at::Tensor& mask, bool cuda) {
-  check_backend_device(grad, "grad", cuda);
+inline void check_fake_quantize_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
   check_float(grad, "grad");
   check_dtype(mask, "mask", at::kBool);
   TORCH_CHECK_VALUE(mask.sizes() == grad.sizes(), "mask must have grad's shape ", grad.sizes(), ", got ",

@@ -1,8 +1,8 @@
 #pragma once
 // Argument checks of the shred family's ops, for the CPU and CUDA kernels: the checks of
-// python/lethe/ops/shred.py in the same order and words. Each op's check first checks that its
-// first tensor argument is on the backend's device (cuda: the CUDA kernel's); every other tensor
-// must be on that one's device. Values held in tensors (labels, target ids and probabilities) are checked inside the
+// python/lethe/ops/shred.py in the same order and words. Every tensor must be on the device of
+// the op's first tensor argument. (The dispatcher sends a call to the CUDA kernel when any tensor
+// is a CUDA one, so mixed devices always meet one of these checks, worded as in Python.) Values held in tensors (labels, target ids and probabilities) are checked inside the
 // kernels (BadValue in lethe/checks.h).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -73,8 +73,7 @@ inline void check_logits(const at::Tensor& logits) {
 
 inline void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-                                    int64_t k, int64_t chunk_size, bool cuda) {
-  check_backend_device(hidden, "hidden", cuda);
+                                    int64_t k, int64_t chunk_size) {
   check_linear_head(hidden, weight, bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_dtype(labels, "labels", at::kLong);
@@ -86,23 +85,21 @@ inline void check_teacher_topk_args(const at::Tensor& hidden, const at::Tensor& 
 }
 
 inline void check_select_forget_positions_args(const at::Tensor& label_logprob, const at::Tensor& labels,
-                                               double fraction, int64_t skip, bool cuda) {
-  check_backend_device(label_logprob, "label_logprob", cuda);
+                                               double fraction, int64_t skip) {
   check_float(label_logprob, "label_logprob");
   check_dims(label_logprob, "label_logprob", 2, "[B, T]");
   check_dtype(labels, "labels", at::kLong);
   check_same_device(labels, "labels", label_logprob, "label_logprob");
   TORCH_CHECK_VALUE(labels.sizes() == label_logprob.sizes(), "labels must have the shape of label_logprob ",
                     label_logprob.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK_VALUE(fraction >= 0.0 && fraction <= 1.0, "fraction must be in [0, 1], got ", fraction);
+  TORCH_CHECK_VALUE(fraction >= 0.0 && fraction <= 1.0, "fraction must be in [0, 1], got ", Num{fraction});
   TORCH_CHECK_VALUE(skip >= 0, "skip must be >= 0, got ", skip);
 }
 
 // labels and forget_mask: [N], or any shape of N elements.
 inline void check_demote_targets_args(const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
                                       const at::Tensor& labels, const at::Tensor& forget_mask,
-                                      int64_t variant, double top_p, bool cuda) {
-  check_backend_device(topk_ids, "topk_ids", cuda);
+                                      int64_t variant, double top_p) {
   check_dtype(topk_ids, "topk_ids", at::kLong);
   check_dims(topk_ids, "topk_ids", 2, "[N, K]");
   const int64_t N = topk_ids.size(0);
@@ -119,13 +116,12 @@ inline void check_demote_targets_args(const at::Tensor& topk_ids, const at::Tens
                       t->sizes());
   }
   TORCH_CHECK_VALUE(variant == 0 || variant == 1, "variant must be 0 (A) or 1 (B), got ", variant);
-  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", Num{top_p});
 }
 
 // Returns K.
 inline int64_t check_topk_kl_args(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& q,
-                                  const std::optional<at::Tensor>& row_weight, bool cuda) {
-  check_backend_device(logits, "logits", cuda);
+                                  const std::optional<at::Tensor>& row_weight) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t K = check_targets(ids, q, N, V, logits, "logits");
@@ -135,8 +131,7 @@ inline int64_t check_topk_kl_args(const at::Tensor& logits, const at::Tensor& id
 
 inline int64_t check_topk_kl_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
                                            const at::Tensor& ids, const at::Tensor& q, const at::Tensor& lse,
-                                           const std::optional<at::Tensor>& row_weight, bool cuda) {
-  check_backend_device(logits, "logits", cuda);
+                                           const std::optional<at::Tensor>& row_weight) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_row_vector(grad_loss, "grad_loss", N, logits, "logits");
@@ -160,8 +155,7 @@ inline GradMask check_fused_linear_topk_kl_args(const at::Tensor& hidden, const 
                                                 const at::Tensor& q, const std::optional<at::Tensor>& row_weight,
                                                 const std::optional<at::Tensor>& grad_row_scale,
                                                 int64_t chunk_size, bool grad_hidden, bool grad_weight,
-                                                bool grad_bias, bool cuda) {
-  check_backend_device(hidden, "hidden", cuda);
+                                                bool grad_bias) {
   check_linear_head(hidden, weight, bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_targets(ids, q, N, V, hidden, "hidden");

@@ -106,7 +106,7 @@ def _define(schema_str: str) -> bool:
         _LIB.define(schema_str)
         return True
     except RuntimeError as e:  # a stale library registered a kernel of another signature
-        _warn_stale(schema_str.split("(")[0], f"has a kernel of another signature for ({e})")
+        _warn_stale(schema_str.split("(")[0], f"could not be matched ({str(e).splitlines()[0]}) with")
         return False
 
 
@@ -123,7 +123,7 @@ def define_op(schema: str, *, check: Callable, fake: Callable, kernels: tuple = 
     name = schema.split("(", 1)[0].strip()
     defined = _define(schema)
     parsed = torch._C.parse_schema(f"lethe::{schema}")
-    op = Op(name, parsed, tuple(kernels), triton, check, defined)
+    op = Op(name, parsed, tuple(kernels), triton if defined else None, check, defined)
     OPS[name] = op
     if not defined:
         return op
