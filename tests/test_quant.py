@@ -713,3 +713,82 @@ def test_fake_quantize_backward_opcheck_and_errors(backend):
     if B.GPU:
         B.assert_same_error([lambda b=b: b.op("fake_quantize_backward")(g.cuda(), m) for b in (B.CUDA, B.TRITON)],
                             ValueError, r"mask must be on grad's device \(cuda:0\), got cpu")
+
+
+# ---- silent wrong results found by trying lethe as a new user would ----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("raise_inside", [False, True])
+def test_quantized_weights_tied_weights(dtype, raise_inside):
+    # GPT-2 ties wte and lm_head: the shared weight is quantised once and restored bit for bit
+    import transformers
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=128, n_layer=1, n_head=2,
+                                                                 n_positions=16)).to(dtype)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        with lethe.quantized_weights(model, "int4-g128"):
+            expect = fake_quantize(originals["transformer.wte.weight"], "int4-g128")
+            assert torch.equal(model.transformer.wte.weight, expect)  # once, not twice
+            # GPT-2's Conv1D keeps [in, out]: grouped along the input features, its first dimension
+            w = originals["transformer.h.0.attn.c_attn.weight"]
+            assert torch.equal(model.transformer.h[0].attn.c_attn.weight, fake_quantize(w.t(), "int4-g128").t())
+            if raise_inside:
+                raise KeyError("boom")
+    except KeyError:
+        assert raise_inside
+    for n, p in model.named_parameters():
+        assert torch.equal(p, originals[n]), n
+
+
+def test_quantized_weights_linear_includes_conv1d_and_shared_storage():
+    import transformers
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=128, n_layer=1, n_head=2,
+                                                                 n_positions=16))
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    with lethe.quantized_weights(model, "int8", modules="linear"):
+        assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)  # Conv1D is a linear layer
+    # one Parameter in two modules: quantised once
+    a, b = nn.Linear(128, 8, bias=False), nn.Linear(128, 8, bias=False)
+    b.weight = a.weight
+    seq = nn.Sequential(a, b)
+    w0 = a.weight.detach().clone()
+    with lethe.quantized_weights(seq, "int4-g128"):
+        assert torch.equal(a.weight, fake_quantize(w0, "int4-g128"))
+    assert torch.equal(a.weight, w0)
+    # two modules whose weights are different views of one storage: refused, untouched
+    big = nn.Parameter(torch.randn(16, 128))
+    c, d = nn.Linear(128, 8, bias=False), nn.Linear(128, 8, bias=False)
+    c.weight, d.weight = nn.Parameter(big.data[:8]), nn.Parameter(big.data[8:])
+    with pytest.raises(ValueError, match="share memory as different views"):
+        with lethe.quantized_weights(nn.Sequential(c, d), "int8"):
+            pass
+
+
+def test_quantized_weights_refuses_a_parametrized_weight():
+    lin = torch.nn.utils.parametrizations.weight_norm(nn.Linear(128, 8))
+    with pytest.raises(ValueError, match="module '0' computes its weight through a parametrization"):
+        with lethe.quantized_weights(nn.Sequential(lin), "int8"):
+            pass
+
+
+def test_spec_and_module_arguments_are_checked():
+    with pytest.raises(TypeError, match="symmetric must be a bool, got str 'no'"):
+        QuantSpec(symmetric="no")
+    with pytest.raises(TypeError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16"):
+        lethe.nn.FakeQuantLinear(128, 4, dtype=torch.float64)
+
+
+def test_bad_cache_size_warns_and_keeps_the_cache():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings\nwith warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    import lethe\nprint([str(x.message) for x in w if 'LETHE_CPU_CACHE_MB' in str(x.message)])\n"
+            "print(lethe.ops.cpu_cache_info()['limit_bytes'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, LETHE_CPU_CACHE_MB="abc"))
+    assert "must be a whole number of MiB" in r.stdout and str(1024 << 20) in r.stdout, r.stdout + r.stderr

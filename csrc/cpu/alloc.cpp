@@ -18,8 +18,14 @@ constexpr size_t kAlign = 64;
 class OutputCache {
  public:
   OutputCache() {
+    // a value that is not a whole number of MiB >= 0 keeps the default (lethe._lib warns about it)
     const char* env = std::getenv("LETHE_CPU_CACHE_MB");
-    const long long mb = env ? std::atoll(env) : 1024;
+    long long mb = 1024;
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (*end == '\0' && v >= 0) mb = v;
+    }
     limit_ = mb > 0 ? size_t(mb) << 20 : 0;
   }
 

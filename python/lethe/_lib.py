@@ -2,6 +2,7 @@
 the ops run their pure-PyTorch reference."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -19,6 +20,12 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch misma
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+_cache_mb = os.environ.get("LETHE_CPU_CACHE_MB", "").strip()
+if _cache_mb and not (_cache_mb.isdigit()):
+    warnings.warn(f"lethe: LETHE_CPU_CACHE_MB must be a whole number of MiB (0 disables the cache), got "
+                  f"{_cache_mb!r}; the default 1024 is used", RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:

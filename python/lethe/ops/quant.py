@@ -49,6 +49,8 @@ class QuantSpec:
     codebook: str = "int"
 
     def __post_init__(self):
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__} {self.symmetric!r}")
         if self.codebook not in CODEBOOKS:
             raise ValueError(f"codebook must be one of {tuple(CODEBOOKS)}, got {self.codebook!r}")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
