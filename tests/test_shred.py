@@ -95,12 +95,19 @@ def test_fused_backward_scales_by_the_incoming_gradient():
         grads.append((h.grad, w.grad))
     for a, b1 in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, -2.5 * b1, rtol=1e-6, atol=1e-7)
-    # a second backward through the same node must fail, not scale twice
+    # a second backward through the same node must fail clearly, not scale twice
     h = hidden.clone().requires_grad_(True)
     loss = 3.0 * S.fused_linear_topk_kl(h, weight, ids, q, bias=b)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="a second backward through the same loss .retain_graph=True."):
         loss.backward()
+    # backward of the loss itself (upstream gradient 1) may run twice: nothing was scaled
+    h = hidden.clone().requires_grad_(True)
+    loss = S.fused_linear_topk_kl(h, weight, ids, q, bias=b)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first)
 
 
 class _FusedCalls(torch.utils._python_dispatch.TorchDispatchMode):
@@ -395,3 +402,140 @@ def test_reference_teacher_pass_is_the_same_in_chunks():
         assert torch.equal(got[0], whole[0])  # ids
         torch.testing.assert_close(got[1], whole[1])  # matmuls of other row counts may round apart
         torch.testing.assert_close(got[2], whole[2])
+
+
+# ---- silent wrong results found by trying lethe as a new user would ----
+
+def test_output_shapes_are_the_same_on_every_backend(backend):
+    Bn, T, H, V, K = 2, 5, 8, 30, 4
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(Bn, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (Bn, T), generator=g)
+    outs = {}
+    for name, run in (("backend", lambda fn, *a, **k: backend.public(fn, *a, **k)),
+                      ("reference", lambda fn, *a, **k: fn(*a, **k, backend="reference"))):
+        ids, lp, llp = run(S.teacher_topk, hidden, weight, labels, K)
+        forget = run(S.select_forget_positions, llp, labels, 0.5)
+        q = run(S.demote_targets, ids, lp, labels, forget)
+        shapes = [tuple(t.shape) for t in (ids, lp, llp, forget, q)]
+        for red in ("mean", "sum", "none"):
+            shapes.append(tuple(run(S.fused_linear_topk_kl, hidden, weight, ids, q, reduction=red).shape))
+            shapes.append(tuple(run(S.topk_kl, (hidden @ weight.t()).reshape(-1, V), ids.reshape(-1, K),
+                                    q.reshape(-1, K), reduction=red).shape))
+        outs[name] = shapes
+    assert outs["backend"] == outs["reference"]
+    assert outs["backend"][5:7] == [(), ()] and outs["backend"][9] == (Bn, T) and outs["backend"][10] == (Bn * T,)
+    loss_fn = ShredLoss(k=K, reduction="none", backend="reference")
+    tg = loss_fn.targets(hidden, weight, labels)
+    assert loss_fn(hidden, weight, tg).shape == (Bn, T)
+
+
+def test_double_backward_is_refused_not_zero(backend):
+    hidden, weight, b, labels, ids, q = _problem(N=6, V=30, K=5)
+    z = backend.to(hidden @ weight.t()).requires_grad_(True)
+    loss = backend.public(S.topk_kl, z, ids, q)
+    with pytest.raises(RuntimeError, match="gradient is not differentiable .*create_graph=True"):
+        torch.autograd.grad(loss, z, create_graph=True)
+    h = backend.to(hidden).requires_grad_(True)
+    loss = backend.public(S.fused_linear_topk_kl, h, weight, ids, q)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    # the reference differentiates its gradient
+    zr = (hidden @ weight.t()).requires_grad_(True)
+    (g,) = torch.autograd.grad(S.topk_kl(zr, ids, q, backend="reference"), zr, create_graph=True)
+    (gg,) = torch.autograd.grad((g ** 2).sum(), zr)
+    assert gg.abs().sum() > 0
+
+
+def test_gradients_for_targets_are_refused_not_dropped(backend):
+    hidden, weight, b, labels, ids, q = _problem(N=6, V=30, K=5)
+    qg = q.clone().requires_grad_(True)
+    wg = torch.rand(6, requires_grad=True)
+    z = hidden @ weight.t()
+    for kw, name in ((dict(), "target_probs"), (dict(weights=wg), "weights")):
+        probs = qg if name == "target_probs" else q
+        with pytest.raises(ValueError, match=f"{name} requires grad, but topk_kl's native and Triton kernels"):
+            backend.public(S.topk_kl, z, ids, probs, **kw)
+        with pytest.raises(ValueError, match=f"{name} requires grad, but fused_linear_topk_kl's"):
+            backend.public(S.fused_linear_topk_kl, hidden, weight, ids, probs, **kw)
+    with torch.no_grad():  # nothing to refuse without autograd
+        backend.public(S.topk_kl, z, ids, qg)
+    (gq,) = torch.autograd.grad(S.topk_kl(z, ids, qg, backend="reference"), qg)  # the reference computes it
+    assert torch.isfinite(gq[q > 0]).all()
+
+
+def test_empty_sizes(backend):
+    # H = 0 (zero logits: every id tied), K = 0 targets, N = 0 rows: results, not reshape errors
+    ids, lp, llp = backend.public(S.teacher_topk, torch.zeros(2, 3, 0), torch.zeros(7, 0), torch.zeros(2, 3, dtype=torch.long), 3)
+    assert ids.shape == (2, 3, 3) and torch.equal(ids.cpu()[0, 0], torch.arange(3))
+    torch.testing.assert_close(lp.cpu(), torch.full((2, 3, 3), -torch.log(torch.tensor(7.0)).item()))
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(7, 8)
+    empty_k = backend.public(S.fused_linear_topk_kl, hidden, weight, torch.zeros(2, 3, 0, dtype=torch.long),
+                             torch.zeros(2, 3, 0), reduction="none")
+    assert empty_k.shape == (2, 3) and (empty_k.cpu() == 0).all()
+    none = backend.public(S.fused_linear_topk_kl, hidden[:, :0], weight, torch.zeros(2, 0, 4, dtype=torch.long),
+                          torch.zeros(2, 0, 4), reduction="none")
+    assert none.shape == (2, 0)
+
+
+def test_scalar_arguments():
+    hidden, weight, b, labels, ids, q = _problem(N=6, V=30, K=5)
+    import numpy as np
+
+    lab2 = labels.reshape(2, 3)
+    out = S.select_forget_positions(torch.randn(2, 3), lab2, np.float32(0.5), np.int64(1))
+    assert out.shape == (2, 3)
+    S.teacher_topk(hidden, weight, labels, np.int64(3))
+    for kw, name in ((dict(chunk_size=2**63), "chunk_size"), ):
+        with pytest.raises(ValueError, match=f"{name} must fit in 64 bits, got {2**63}"):
+            S.fused_linear_topk_kl(hidden, weight, ids, q, **kw)
+    with pytest.raises(ValueError, match="skip must fit in 64 bits"):
+        S.select_forget_positions(torch.randn(2, 3), lab2, 0.5, 2**63)
+    with pytest.raises(TypeError, match="k must be an int, got float"):
+        S.teacher_topk(hidden, weight, labels, 3.0)
+
+
+def test_meta_tensors_mixed_with_cpu_ones_are_refused():
+    lp = torch.zeros(2, 5, device="meta")
+    lab = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels must be on label_logprob's device \(meta\), got cpu"):
+        S.select_forget_positions(lp, lab, 0.5)
+    ids = torch.zeros(4, 3, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match=r"topk_logprobs must be on topk_ids's device \(meta\), got cpu"):
+        S.demote_targets(ids, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"target_ids must be on logits's device \(meta\), got cpu"):
+        S.topk_kl(torch.zeros(4, 9, device="meta"), torch.zeros(4, 3, dtype=torch.long), torch.full((4, 3), 1 / 3))
+
+
+def test_compiled_reference_still_checks_values():
+    # traced by torch.compile, the reference's value checks become device-side asserts, not nothing
+    torch._dynamo.reset()
+    hidden, weight, b, labels, ids, q = _problem(N=6, V=30, K=5)
+    z = hidden @ weight.t()
+    f = torch.compile(lambda z, q: S.topk_kl(z, ids, q, backend="reference"), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(z, q), S.topk_kl(z, ids, q, backend="reference"))
+    with pytest.raises(RuntimeError, match="target_probs non-negative rows summing to 1"):
+        f(z, q * 0.5)
+
+
+def test_shred_loss_checks_its_arguments_at_construction():
+    for kw, match in ((dict(k=0), "k must be >= 1"), (dict(fraction=1.5), r"fraction must be in \[0, 1\]"),
+                      (dict(skip=-1), "skip must be >= 0"), (dict(variant="C"), "variant must be 'A' or 'B'"),
+                      (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(reduction="avg"), "reduction must be"),
+                      (dict(normalize="k"), "normalize must be"), (dict(chunk_size=0), "chunk_size must be >= 1"),
+                      (dict(backend="cudnn"), "backend must be one of")):
+        with pytest.raises(ValueError, match=match):
+            ShredLoss(**kw)
+    with pytest.raises(TypeError, match="k must be an int"):
+        ShredLoss(k="64")
+
+
+def test_info_and_demo_help_read_well():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lethe.info"], capture_output=True, text=True, check=True).stdout
+    assert "['" not in out and "kernels cpu/cuda/triton" in out
+    help_ = subprocess.run([sys.executable, "-m", "lethe.cli", "demo", "--help"], capture_output=True, text=True).stdout
+    assert "learning rate of the unlearning runs" in help_ and "seed of the synthetic facts" in help_

@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lethe.ops.shred import (IGNORE_INDEX, demote_targets, fused_linear_topk_kl,
+from lethe.ops import _backend
+from lethe.ops import checks as C
+from lethe.ops.shred import (IGNORE_INDEX, NORMALIZE, REDUCTIONS, VARIANTS, demote_targets, fused_linear_topk_kl,
                              select_forget_positions, teacher_topk)
 
 __all__ = ["ShredTargets", "ShredLoss"]
@@ -45,8 +47,33 @@ class ShredLoss(nn.Module):
                  top_p: float = 0.5, normalize: str = "full", reduction: str = "mean",
                  chunk_size: Optional[int] = None, backend: Optional[str] = None):
         super().__init__()
-        self.k, self.fraction, self.skip, self.variant, self.top_p = k, fraction, skip, variant, top_p
-        self.normalize, self.reduction, self.chunk_size, self.backend = normalize, reduction, chunk_size, backend
+        # checked now, not at the first call
+        self.k = C.integer(k, "k")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        self.fraction = C.number(fraction, "fraction")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction:g}")
+        self.skip = C.integer(skip, "skip")
+        if self.skip < 0:
+            raise ValueError(f"skip must be >= 0, got {self.skip}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be 'A' or 'B', got {variant!r}")
+        self.variant = variant
+        self.top_p = C.number(top_p, "top_p")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p:g}")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.normalize, self.reduction = normalize, reduction
+        self.chunk_size = None if chunk_size is None else C.integer(chunk_size, "chunk_size")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if backend is not None:
+            _backend._check_name(backend, "backend")
+        self.backend = backend
 
     @torch.no_grad()
     def targets(self, teacher_hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -44,9 +44,11 @@ def same_device(t, name: str, ref: torch.Tensor, ref_name: str) -> None:
 
 
 def integer(x, name: str) -> int:
-    """x as an int: Python and numpy integers, not bool."""
+    """x as an int: Python and numpy integers, not bool, within the ops' 64-bit ints."""
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if not -(2**63) <= int(x) < 2**63:
+        raise ValueError(f"{name} must fit in 64 bits, got {int(x)}")
     return int(x)
 
 
@@ -55,6 +57,28 @@ def number(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
     return float(x)
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] as [N, D] (N the product of the leading sizes: 0 and D = 0 included)."""
+    n = 1
+    for d in t.shape[:-1]:
+        n *= d
+    return t.reshape(n, t.shape[-1])
+
+
+def no_grad_for(t, name: str, op: str) -> None:
+    """The native and Triton kernels give no gradient for t: refuse it when autograd would want one."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but {op}'s native and Triton kernels compute no gradient for it: "
+                         f"detach it, or use backend='reference'")
+
+
+def no_double_backward(op: str) -> None:
+    """Raised by a backward whose own gradient the kernels do not compute (create_graph=True)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the native and Triton kernels' gradient is not differentiable (backward with "
+                           f"create_graph=True); use backend='reference' for higher-order gradients")
 
 
 def row_vector(t, name: str, n: int, ref: torch.Tensor, ref_name: str) -> None:

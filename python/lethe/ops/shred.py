@@ -68,12 +68,16 @@ def check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def check_label_values(labels, V):
-    """labels in [0, V) or -100 (one host sync)."""
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+def check_label_values(labels, V, ignore_index=IGNORE_INDEX):
+    """labels in [0, V) or ignore_index (-100 for the shred ops; one host sync; traced by
+    torch.compile: a device-side assert)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"labels must be in [0, V) = [0, {V}) or {ignore_index}")
+        return
     if labels.numel() and bool(bad.any()):
         i = int(bad.reshape(-1).nonzero()[0, 0])
-        raise ValueError(f"labels must be in [0, V) = [0, {V}) or -100, got {int(labels.reshape(-1)[i])} "
+        raise ValueError(f"labels must be in [0, V) = [0, {V}) or {ignore_index}, got {int(labels.reshape(-1)[i])} "
                          f"at index {i}")
 
 
@@ -111,6 +115,10 @@ def check_target_values(target_ids, target_probs, v):
     tol = target_sum_tol(target_probs.dtype)
     s = q.sum(1, dtype=torch.float64)
     bad_sum = ~bad_neg & (s != 0) & ~((s - 1).abs() <= tol)
+    if torch.compiler.is_compiling():  # traced: no host sync, a device-side assert
+        torch._assert_async(~(bad_id.any() | bad_neg.any() | bad_sum.any()),
+                            f"target_ids must be in [0, {v}) and target_probs non-negative rows summing to 1 or 0")
+        return
     any_id, any_neg, any_sum = torch.stack([bad_id.any(), bad_neg.any(), bad_sum.any()]).tolist()
     if any_id:
         r = int(bad_id.nonzero()[0, 0])
@@ -249,6 +257,7 @@ def _topk_kl_setup(ctx, args, output):
 
 
 def _topk_kl_backward(ctx, which, grad_loss, grad_lse):
+    C.no_double_backward("lethe.ops.topk_kl")
     logits, ids, probs, lse, row_w = ctx.saved_tensors
     # the forward checked the targets (and autograd would reject them changed since)
     g = TOPK_KL_BACKWARD.kernel(which)(grad_loss.contiguous(), logits, ids, probs, lse, row_w, ctx.full, False)
@@ -263,6 +272,7 @@ def _fused_setup(ctx, args, output):
 
 
 def _fused_backward(ctx, which, grad_loss, *_unused):
+    C.no_double_backward("lethe.ops.fused_linear_topk_kl")
     hidden, weight, bias, ids, probs, row_w = ctx.saved_tensors
     want = [bool(x) for x in ctx.needs_input_grad[:3]]
     _, gh, gw, gb = FUSED_LINEAR_TOPK_KL.kernel(which)(
@@ -383,7 +393,7 @@ def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optio
                          f"dimension), got {C.shape(labels)}")
     k = C.integer(k, "k")
     lead = labels.shape
-    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    h = C.rows(hidden.detach())
     args = (h, weight.detach(), None if bias is None else bias.detach(), labels.reshape(-1), k,
             _chunk(chunk_size, weight.shape[0] if weight.dim() else 1))
     which = _backend.resolve(TEACHER_TOPK, h, backend)
@@ -431,7 +441,7 @@ def demote_targets(topk_ids, topk_logprobs, labels, forget_mask, variant: str = 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be 'A' or 'B', got {variant!r}")
     K = topk_ids.shape[-1]
-    args = (topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K), labels.reshape(-1), forget_mask.reshape(-1),
+    args = (C.rows(topk_ids), C.rows(topk_logprobs), labels.reshape(-1), forget_mask.reshape(-1),
             VARIANTS[variant], C.number(top_p, "top_p"))
     which = _backend.resolve(DEMOTE_TARGETS, topk_ids, backend)
     if which == "reference":
@@ -467,8 +477,11 @@ def topk_kl(logits, target_ids, target_probs, *, mask=None, weights=None, reduct
     _leading(logits, "logits", "[N, V]")
     _check_reduce(reduction, normalize)
     n = logits.shape[0]
-    args = (logits, target_ids, target_probs, _row_weight(mask, weights, n, logits.device), normalize == "full")
     which = _backend.resolve(TOPK_KL, logits, backend)
+    if which != "reference":
+        C.no_grad_for(target_probs, "target_probs", "topk_kl")
+        C.no_grad_for(weights, "weights", "topk_kl")
+    args = (logits, target_ids, target_probs, _row_weight(mask, weights, n, logits.device), normalize == "full")
     if which == "reference":
         check_topk_kl(*args, values=True)
         loss = ref.topk_kl_reference(logits, target_ids, target_probs, None, args[3], "none", normalize)
@@ -501,6 +514,13 @@ class _FusedLinearTopkKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        C.no_double_backward("lethe.ops.fused_linear_topk_kl")
+        if getattr(ctx, "scaled_in_place", False):
+            raise RuntimeError(
+                "lethe.ops.fused_linear_topk_kl: a second backward through the same loss (retain_graph=True): the "
+                "first one scaled the gradients it computed in the forward pass in place (a copy of grad_weight "
+                "would be the step's largest allocation); compute the loss again, or backward the loss itself "
+                "(an upstream gradient of 1) both times")
         gh, gw, gb = ctx.saved_tensors
         if torch.compiler.is_compiling():
             scale = lambda t: t * g.to(t.dtype)  # noqa: E731  (traced: stays functional)
@@ -512,6 +532,7 @@ class _FusedLinearTopkKL(torch.autograd.Function):
             # allocation of the step. A second backward through this node (retain_graph) then
             # fails in autograd's saved-tensor version check instead of scaling twice.
             scale = lambda t: t.mul_(g.to(t.dtype))  # noqa: E731
+            ctx.scaled_in_place = True
         need = ctx.needs_input_grad
         return gradients(_FUSED_INPUTS, {"hidden": scale(gh) if need[0] else None,
                                          "weight": scale(gw) if need[1] else None,
@@ -535,9 +556,9 @@ def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None,
         raise ValueError(f"target_ids and target_probs must both have shape {C.shape(hidden)[:-1]} + [K], "
                          f"got {C.shape(target_ids)} and {C.shape(target_probs)}")
     _check_reduce(reduction, normalize)
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = C.rows(hidden)
     n = h.shape[0]
-    tid, tpr = target_ids.reshape(n, -1), target_probs.reshape(n, -1)
+    tid, tpr = C.rows(target_ids), C.rows(target_probs)
     row_w = _row_weight(mask, weights, n, h.device)
     full = normalize == "full"
     chunk = _chunk(chunk_size, weight.shape[0] if weight.dim() else 1)
@@ -545,7 +566,9 @@ def fused_linear_topk_kl(hidden, weight, target_ids, target_probs, *, bias=None,
     if which == "reference":
         check_fused_linear_topk_kl(h, weight, bias, tid, tpr, row_w, None, full, chunk, values=True)
         loss = ref.fused_linear_topk_kl_reference(h, weight, bias, tid, tpr, None, row_w, "none", normalize)
-        return _reduce(loss, reduction, mask, n)
+        return loss.reshape(hidden.shape[:-1]) if reduction == "none" else _reduce(loss, reduction, mask, n)
+    C.no_grad_for(target_probs, "target_probs", "fused_linear_topk_kl")
+    C.no_grad_for(weights, "weights", "fused_linear_topk_kl")
     if reduction == "none" or not torch.is_grad_enabled():
         # "none": per-position gradients are only known in backward, which recomputes them.
         # Grad mode off (evaluation): no gradients to precompute, whatever requires grad.
