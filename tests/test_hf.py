@@ -160,3 +160,61 @@ def test_length_one_sequences():
     assert tg.ids.shape == (2, 0, 8)
     loss = hf.shred_loss(model, batch, tg, loss_fn)
     assert loss.item() == 0.0
+
+
+def _stats_from_logits(logits, labels, ignore_index=-100):
+    """The statistics from the model's own logits [B, T - 1, V], in fp64: log_softmax, gather, moments."""
+    z = logits.double()
+    logp = torch.log_softmax(z, -1)
+    valid = labels != ignore_index
+    label_lp = torch.gather(logp, -1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    var = (p * (logp - mu[..., None]) ** 2).sum(-1)
+    return label_lp, torch.logsumexp(z, -1), mu, var, z.argmax(-1)
+
+
+def _check_token_stats(model, batch, labels=None, ignore_index=-100, **kw):
+    st = hf.token_stats(model, batch["input_ids"], labels, batch.get("attention_mask"), ignore_index=ignore_index,
+                        chunk_size=5, **kw)
+    B_, T = batch["input_ids"].shape
+    assert isinstance(st, hf.TokenStats)
+    assert all(t.shape == (B_, T - 1) for t in st)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1]
+    want_labels = (labels if labels is not None else batch["input_ids"]).clone()
+    if "attention_mask" in batch:
+        want_labels[batch["attention_mask"] == 0] = ignore_index
+    want = _stats_from_logits(logits, want_labels[:, 1:], ignore_index)
+    for name, a, b in zip(st._fields[:4], st[:4], want[:4]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+    assert torch.equal(st.argmax, want[4])
+    return st, want_labels[:, 1:]
+
+
+@pytest.mark.parametrize("family", ["llama", "Granite"])
+def test_token_stats_against_the_models_logits(family):
+    torch.manual_seed(0)
+    model = _llama() if family == "llama" else _make(*SCALED[family])
+    batch = _batch(3)  # row 1 padded at its last two positions
+    st, lab = _check_token_stats(model, batch)
+    assert (st.label_logprob[lab == -100] == 0).all() and (st.label_logprob[lab != -100] < 0).all()
+    assert int((lab == -100).sum()) == 2
+    # explicit labels with ignored entries, and another ignore_index
+    labels = batch["input_ids"].clone()
+    labels[0, :4] = -100
+    _check_token_stats(model, batch, labels)
+    labels[0, :4] = -1
+    st, lab = _check_token_stats(model, batch, labels, ignore_index=-1)
+    assert (st.label_logprob[lab == -1] == 0).all() and int((lab == -1).sum()) == 5  # 3 + the 2 padded
+    # no attention mask; the model left as it was (train mode, parameters requiring grad)
+    model.train()
+    _check_token_stats(model, {"input_ids": batch["input_ids"]}, backend="reference")
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_token_stats_length_one_sequences():
+    model = _llama()
+    st = hf.token_stats(model, torch.randint(0, V, (2, 1)), None)
+    assert all(t.shape == (2, 0) for t in st)
+    assert st.argmax.dtype == torch.int64 and st.lse.dtype == torch.float32

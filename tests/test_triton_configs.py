@@ -6,7 +6,7 @@ import torch
 
 import backends as B
 from lethe.ops.quant_reference import nf4_tables
-from lethe.triton_kernels import quant, shred_kl, shred_teacher
+from lethe.triton_kernels import quant, shred_kl, shred_teacher, token_stats
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
          torch.int32: "i32", torch.uint8: "u8"}
@@ -87,7 +87,9 @@ def test_every_launch_is_a_compiled_configuration(launches):
         shred_teacher.select_forget_positions(tk[2].to(dtype).view(1, -1), lab.view(1, -1), 0.5, 1)
         for variant in (0, 1):
             shred_teacher.demote_targets(tk[0], tk[1].to(dtype), lab, lab > 3, variant, 0.4)
-    configs = [c for m in (quant, shred_kl, shred_teacher) for c in m.aot_configs()]
+        for bias, ignore in ((None, -100), (weight[:, 0].contiguous(), 3)):
+            token_stats.token_stats(hidden, weight, bias, lab, ignore, 2)
+    configs = [c for m in (quant, shred_kl, shred_teacher, token_stats) for c in m.aot_configs()]
     kernels = {name for name, _, _ in launches}
     assert kernels == {c["kernel"].__name__ for c in configs}, "a kernel is never launched, or not compiled"
     for launch in launches:
@@ -98,5 +100,5 @@ def test_kernels_run_where_they_can():
     # without a GPU the kernels can only run interpreted, which must be on before they are defined
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernels = {c["kernel"] for m in (quant, shred_kl, shred_teacher) for c in m.aot_configs()}
+    kernels = {c["kernel"] for m in (quant, shred_kl, shred_teacher, token_stats) for c in m.aot_configs()}
     assert B.GPU or (B.INTERPRETED and all(isinstance(k, InterpretedFunction) for k in kernels))

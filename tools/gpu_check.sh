@@ -86,6 +86,6 @@ step tests 110 "$OUT/tests.log" env LETHE_TEST_LOG="$OUT/tests.jsonl" "$PY" -m p
   ${XDIST[@]+"${XDIST[@]}"} tests
 rm -f benchmarks/results/*_cuda.json
 step benchmarks 80 "$OUT/benchmarks.log" env LETHE_BENCH_SHRED_CUDA="${LETHE_BENCH_SHRED_CUDA:-4096,4096,128256,64}" \
-  "$PY" -m pytest -q -s -o python_files="bench_*_cuda.py" -p no:cacheprovider benchmarks
+  LETHE_BENCH_TOKEN_STATS_CUDA="${LETHE_BENCH_TOKEN_STATS_CUDA:-4096,4096,128256}" "$PY" -m pytest -q -s -o python_files="bench_*_cuda.py" -p no:cacheprovider benchmarks
 cp benchmarks/results/*_cuda.json "$OUT"/ 2> /dev/null
 exit 0  # the summary (trap) sets the exit status

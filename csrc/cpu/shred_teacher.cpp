@@ -225,11 +225,11 @@ at::Tensor demote_targets_cpu(const at::Tensor& topk_ids, const at::Tensor& topk
 
 }  // namespace
 
-void check_label_values(const at::Tensor& labels, int64_t V) {
+void check_label_values(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
   const int64_t* l = labels.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < labels.numel(); ++i)
-    if (l[i] != shred::kIgnoreIndex && (l[i] < 0 || l[i] >= V))
-      raise_bad_value(BadValueRecord{static_cast<int32_t>(BadValue::kLabel), 0, i, l[i], V, 0.0, 0.0});
+    if (l[i] != ignore_index && (l[i] < 0 || l[i] >= V))
+      raise_bad_value(BadValueRecord{static_cast<int32_t>(BadValue::kLabel), 0, i, l[i], V, 0.0, 0.0, ignore_index});
 }
 
 TORCH_LIBRARY_IMPL(lethe, CPU, m) {

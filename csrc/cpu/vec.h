@@ -63,29 +63,67 @@ LETHE_INLINE F16v load_part(const float* p, int64_t n, float fill) {
 }
 
 // exp for x <= 88 (our arguments are <= ~0): Cody-Waite reduction and Cephes' degree-6
-// polynomial, ~1 ulp. exp(x) = 0 below -87.3 (no subnormals); NaN stays NaN.
-LETHE_INLINE F16v vexp(F16v x) {
-  const F16v lo = splat(-87.33654475f), hi = splat(88.0f);
-  F16v xc = x > hi ? hi : x;
+// polynomial, ~1 ulp. exp(x) = 0 below -87.3 (no subnormals); NaN stays NaN. FV is a float vector
+// type and IV the int32 vector of its width: F16v / I16v, or F8v / I8v below.
+template <typename FV, typename IV>
+LETHE_INLINE FV vexp_n(FV x) {
+  const FV lo = FV{} + -87.33654475f, hi = FV{} + 88.0f;
+  FV xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
-  F16v n = xc * splat(1.44269504088896341f);
-  n = (n + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest integer
-  xc = xc - n * splat(0.693359375f);
-  xc = xc - n * splat(-2.12194440e-4f);
-  const F16v z = xc * xc;
-  F16v y = splat(1.9875691500e-4f);
-  y = y * xc + splat(1.3981999507e-3f);
-  y = y * xc + splat(8.3334519073e-3f);
-  y = y * xc + splat(4.1665795894e-2f);
-  y = y * xc + splat(1.6666665459e-1f);
-  y = y * xc + splat(5.0000001201e-1f);
-  y = y * z + xc + splat(1.0f);
-  const I16v e = (__builtin_convertvector(n, I16v) + 127) << 23;
-  F16v scale;  // 2^n: the bits of e (memcpy, not a pointer cast: strict aliasing)
+  FV n = xc * 1.44269504088896341f;
+  n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  xc = xc - n * 0.693359375f;
+  xc = xc - n * -2.12194440e-4f;
+  const FV z = xc * xc;
+  FV y = FV{} + 1.9875691500e-4f;
+  y = y * xc + 1.3981999507e-3f;
+  y = y * xc + 8.3334519073e-3f;
+  y = y * xc + 4.1665795894e-2f;
+  y = y * xc + 1.6666665459e-1f;
+  y = y * xc + 5.0000001201e-1f;
+  y = y * z + xc + 1.0f;
+  const IV e = (__builtin_convertvector(n, IV) + 127) << 23;
+  FV scale;  // 2^n: the bits of e (memcpy, not a pointer cast: strict aliasing)
   std::memcpy(&scale, &e, sizeof(scale));
-  F16v r = y * scale;
-  r = x < lo ? splat(0.0f) : r;
+  FV r = y * scale;
+  r = x < lo ? FV{} : r;
   return x != x ? x : r;
+}
+
+LETHE_INLINE F16v vexp(F16v x) { return vexp_n<F16v, I16v>(x); }
+
+// 8-lane vectors: an AVX2 target runs their comparisons and selects natively, where it expands
+// those of 16-lane vectors piecewise (scalar: -Wvector-operation-performance says so); AVX-512
+// runs them as 256-bit instructions. Row kernels dominated by selects use these.
+typedef float F8v __attribute__((vector_size(32)));
+typedef int32_t I8v __attribute__((vector_size(32)));
+constexpr int64_t kLanes8 = 8;
+
+LETHE_INLINE F8v loadu8(const float* p) {
+  F8v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The first n (< 8) floats of p, the other lanes set to fill.
+LETHE_INLINE F8v load_part8(const float* p, int64_t n, float fill) {
+  F8v v = F8v{} + fill;
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+LETHE_INLINE F8v vexp8(F8v x) { return vexp_n<F8v, I8v>(x); }
+
+LETHE_INLINE float hmax8(F8v v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+LETHE_INLINE float hsum8(F8v v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes8; ++i) s += v[i];
+  return s;
 }
 
 LETHE_INLINE float hmax(F16v v) {

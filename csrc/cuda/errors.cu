@@ -63,6 +63,7 @@ std::optional<BadValueRecord> take(int device) {
   out.bound = r->bound;
   out.fvalue = r->fvalue;
   out.tol = r->tol;
+  out.ignore = r->ignore;
   r->code = 0;
   std::atomic_thread_fence(std::memory_order_release);
   r->claim = 0;  // last: a kernel may claim the record again from here on

@@ -32,14 +32,16 @@ void raise_found(int device, cudaStream_t stream, const std::function<void()>& c
 void check_errors(int device, bool wait);
 
 // Record a bad value: the first of the kernels that report one wins.
+// ignore: the labels' ignore index (a kLabel record's message names it).
 __device__ __forceinline__ void report_bad_value(BadValueRecord* rec, BadValue code, int64_t row, int64_t value,
-                                                 int64_t bound, double fvalue, double tol) {
+                                                 int64_t bound, double fvalue, double tol, int64_t ignore = -100) {
   if (atomicCAS(reinterpret_cast<int*>(&rec->claim), 0, 1) == 0) {
     rec->row = row;
     rec->value = value;
     rec->bound = bound;
     rec->fvalue = fvalue;
     rec->tol = tol;
+    rec->ignore = ignore;
     __threadfence_system();
     atomicExch(reinterpret_cast<int*>(&rec->code), static_cast<int>(code));
   }

@@ -103,6 +103,7 @@ struct BadValueRecord {
   int64_t bound;  // V
   double fvalue;  // the bad probability, or the row's sum
   double tol;     // the tolerance of the sum check
+  int64_t ignore = -100;  // the labels' ignore index (labels)
 };
 
 // note: appended to the message (the CUDA kernels' deferred reports say where they come from).
@@ -117,7 +118,7 @@ struct BadValueRecord {
       TORCH_CHECK_VALUE(false, "target_probs rows must sum to 1 (within ", Num{r.tol},
                         ") or be all zero, row ", r.row, " sums to ", Num{r.fvalue}, note);
     case BadValue::kLabel:
-      TORCH_CHECK_VALUE(false, "labels must be in [0, V) = [0, ", r.bound, ") or -100, got ", r.value,
+      TORCH_CHECK_VALUE(false, "labels must be in [0, V) = [0, ", r.bound, ") or ", r.ignore, ", got ", r.value,
                         " at index ", r.row, note);
     default:
       TORCH_CHECK(false, "lethe: unknown bad-value record ", r.code);

@@ -16,11 +16,11 @@ namespace lethe {
 // The values in tensors, on the host (contiguous CPU tensors): raise the first bad one as
 // lethe/checks.h words it. Target ids in [0, V), and with probs, probabilities >= 0 with each row
 // summing to 1 within tol or exactly 0: the lowest bad row of the first kind that has one
-// (csrc/cpu/shred_kl.cpp). Labels in [0, V) or -100: the lowest bad index
-// (csrc/cpu/shred_teacher.cpp). The CPU kernels call them on their inputs; the CUDA kernels, which
+// (csrc/cpu/shred_kl.cpp). Labels in [0, V) or ignore_index (-100 for the shred ops, the
+// token_stats op's argument otherwise): the lowest bad index (csrc/cpu/shred_teacher.cpp). The CPU kernels call them on their inputs; the CUDA kernels, which
 // find bad values without a host sync, call them on host copies under LETHE_SYNC_CHECKS=1.
 void check_target_values(const at::Tensor& ids, const at::Tensor& q, int64_t V, float tol, bool probs);
-void check_label_values(const at::Tensor& labels, int64_t V);
+void check_label_values(const at::Tensor& labels, int64_t V, int64_t ignore_index = -100);
 
 // How far a row of target probabilities may sum from 1: 1e-3, or bfloat16's epsilon.
 inline float target_sum_tol(at::ScalarType probs) { return probs == at::kBFloat16 ? 7.8125e-3f : 1e-3f; }

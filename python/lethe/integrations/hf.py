@@ -18,8 +18,10 @@ from torch import nn
 
 from lethe.nn.shred import ShredLoss, ShredTargets
 from lethe.ops.shred import IGNORE_INDEX
+from lethe.ops.token_stats import TokenStats
+from lethe.ops.token_stats import token_stats as _token_stats
 
-__all__ = ["unwrap", "last_hidden_and_head", "shifted_labels", "shred_targets", "shred_loss"]
+__all__ = ["unwrap", "last_hidden_and_head", "shifted_labels", "shred_targets", "shred_loss", "token_stats"]
 
 # config attributes that scale the logits (name, how): the transforms lethe applies
 SCALES = (("logit_scale", "multiply"), ("logits_scaling", "divide"), ("lm_head_multiplier", "multiply"))
@@ -155,3 +157,24 @@ def shred_loss(model, batch: dict, targets: ShredTargets, loss_fn: Optional[Shre
     loss_fn = loss_fn or ShredLoss()
     hidden, w, b = last_hidden_and_head(model, batch["input_ids"], batch.get("attention_mask"))
     return loss_fn(hidden[:, :-1], w, targets, b)
+
+
+@torch.no_grad()
+def token_stats(model, input_ids, labels, attention_mask=None, *, ignore_index: int = IGNORE_INDEX,
+                chunk_size: Optional[int] = None, backend: Optional[str] = None) -> TokenStats:
+    """The evaluation's per-token statistics (lethe.ops.token_stats) of a causal LM on a batch, from
+    its final hidden states and LM head, without [B, T, V] logits: position t predicts
+    labels[:, t + 1] (labels None: input_ids), so every field has shape [B, T - 1]. Padding
+    (attention_mask == 0) and ignore_index labels are ignored (label_logprob 0 there; the other
+    statistics are those of the model's prediction at every position). The model is unwrapped and
+    checked as for the losses (its logit scale folded in, other logit transforms refused), and run
+    in eval mode under torch.no_grad()."""
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, w, b = last_hidden_and_head(model, input_ids, attention_mask)
+        lab = shifted_labels(input_ids, attention_mask, labels, ignore_index)
+        return _token_stats(hidden[:, :-1], w, lab, b, ignore_index=ignore_index, chunk_size=chunk_size,
+                            backend=backend)
+    finally:
+        model.train(was_training)
