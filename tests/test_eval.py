@@ -105,7 +105,7 @@ def test_quantisation_attack(evaluator, models, reports):
         assert torch.equal(a, b)
 
 
-def test_relearning_attack_recovers_the_retain_model_less_than_it_knew(evaluator, models):
+def test_relearning_attack_fine_tunes_a_copy(evaluator, models):
     before = [p.detach().clone() for p in models["retain"].parameters()]
     r = evaluator.relearn_attack(models["retain"])
     assert r["train_examples"] + r["held_out_examples"] == len(evaluator.data.forget)

@@ -169,8 +169,9 @@ class Scorer:
         return out
 
 
-def _set_metrics(sc: Scorer, exs: list[Example], generate: bool = True) -> dict:
-    """prob, rouge, exact, truth ratios (raw and score) and the MIA scores' inputs of one set."""
+def _set_metrics(sc: Scorer, exs: list[Example], generate: bool = True, truth: bool = True) -> dict:
+    """prob, rouge, exact, truth ratios (raw and score) and the MIA scores' inputs of one set
+    (generate=False: no greedy answers; truth=False: no truth ratios, as the holdout set needs)."""
     prompts = [e.prompt for e in exs]
     answers = [e.answer for e in exs]
     lp, mu, var, mask = sc.token_stats(prompts, answers)
@@ -182,7 +183,7 @@ def _set_metrics(sc: Scorer, exs: list[Example], generate: bool = True) -> dict:
         res["rouge"] = float(np.mean(M.rouge_l_recall(gens, answers)))
         res["exact"] = float(np.mean(M.exact_match(gens, answers)))
         res["_generations"] = gens
-    with_tr = [i for i, e in enumerate(exs) if e.paraphrased is not None and e.perturbed]
+    with_tr = [i for i, e in enumerate(exs) if e.paraphrased is not None and e.perturbed] if truth else []
     if with_tr:
         m = min(len(exs[i].perturbed) for i in with_tr)
         para_lp, _, _, para_mask = sc.token_stats([prompts[i] for i in with_tr], [exs[i].paraphrased for i in with_tr])
@@ -192,7 +193,7 @@ def _set_metrics(sc: Scorer, exs: list[Example], generate: bool = True) -> dict:
         para = M.mean_logprob(para_lp, para_mask)
         pert = np.asarray(M.mean_logprob(pert_lp, pert_mask)).reshape(len(with_tr), m)
         ratios = M.truth_ratio(para, pert)
-        res["truth_ratio"] = float(np.mean(M.truth_ratio_score(ratios)))
+        res["truth_ratio"] = float(M.truth_ratio_score(ratios))
         res["_truth_ratios"] = np.asarray(ratios)
     return res
 
@@ -236,7 +237,7 @@ class Evaluator:
         if self._ref is None and self.reference is not None:
             sc = self._scorer(self.reference)
             forget = _set_metrics(sc, self.data.forget, generate=False)
-            holdout = _set_metrics(sc, self.data.holdout, generate=False)
+            holdout = _set_metrics(sc, self.data.holdout, generate=False, truth=False)
             self._ref = {"truth_ratios": forget.get("_truth_ratios"), "mia": self._mia(forget, holdout)}
         return self._ref
 
@@ -249,7 +250,7 @@ class Evaluator:
         """Every metric of `model` as it is now (no attack)."""
         sc = self._scorer(model)
         sets = {name: _set_metrics(sc, exs) for name, exs in self.data.sets().items()}
-        holdout = _set_metrics(sc, self.data.holdout, generate=False)
+        holdout = _set_metrics(sc, self.data.holdout, generate=False, truth=False)
         out = {name: _public(s) for name, s in sets.items()}
         utility = [sets["retain"][k] for k in ("prob", "rouge", "truth_ratio") if k in sets["retain"]]
         if "world" in sets:
@@ -283,7 +284,7 @@ class Evaluator:
         return {"presets": per, "q_int4": M.q_int4(scores),
                 "certificate": M.durability_certificate(scores, self.epsilon)}
 
-    def relearn_attack(self, model, native: Optional[dict] = None) -> dict:
+    def relearn_attack(self, model) -> dict:
         """Fine-tunes a copy of `model` on part of the forget set (RelearnConfig) and measures the
         forget metrics on the held-back rest, before and after."""
         cfg = self.relearn_config
@@ -332,7 +333,7 @@ class Evaluator:
                     m.pop("_raw", None)
                 report.results["quant"] = q
             else:
-                report.results["relearn"] = self.relearn_attack(model, native=res)
+                report.results["relearn"] = self.relearn_attack(model)
                 bar.update(1)
             if save_to is not None:
                 report.save(save_to)

@@ -376,6 +376,20 @@ def _leading(t, name, what):
         raise ValueError(f"{name} must have at least one dimension ({what}), got a 0-D tensor")
 
 
+def head_rows(hidden, weight, bias, labels, chunk_size):
+    """The shared argument prologue of the LM-head statistics (teacher_topk, token_stats): checks
+    hidden [..., H] and labels [...], and returns (the leading shape, hidden as detached rows [N, H],
+    the detached weight and bias, the labels as [N], the chunk size)."""
+    _leading(hidden, "hidden", "[..., H]")
+    C.tensor(labels, "labels")
+    C.tensor(weight, "weight")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {C.shape(hidden)[:-1]} (hidden without its last "
+                         f"dimension), got {C.shape(labels)}")
+    return (labels.shape, C.rows(hidden.detach()), weight.detach(), None if bias is None else bias.detach(),
+            labels.reshape(-1), _chunk(chunk_size, weight.shape[0] if weight.dim() else 1))
+
+
 def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optional[int] = None,
                  backend: Optional[str] = None):
     """The frozen teacher's pass, fused with the LM head.
@@ -385,17 +399,9 @@ def teacher_topk(hidden, weight, labels, k: int, *, bias=None, chunk_size: Optio
     the teacher's top-K tokens by logit (ties by id), their log-probabilities over the full
     vocabulary, and the label's log-probability (0 where ignored). Works chunk_size tokens at a
     time: no [N, V] tensor is ever held. No gradient flows (the teacher is frozen)."""
-    _leading(hidden, "hidden", "[..., H]")
-    C.tensor(labels, "labels")
-    C.tensor(weight, "weight")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {C.shape(hidden)[:-1]} (hidden without its last "
-                         f"dimension), got {C.shape(labels)}")
     k = C.integer(k, "k")
-    lead = labels.shape
-    h = C.rows(hidden.detach())
-    args = (h, weight.detach(), None if bias is None else bias.detach(), labels.reshape(-1), k,
-            _chunk(chunk_size, weight.shape[0] if weight.dim() else 1))
+    lead, h, w, b, lab, chunk = head_rows(hidden, weight, bias, labels, chunk_size)
+    args = (h, w, b, lab, k, chunk)
     which = _backend.resolve(TEACHER_TOPK, h, backend)
     if which == "reference":
         check_teacher_topk(*args, values=True)

@@ -16,7 +16,7 @@ from lethe.ops import _backend
 from lethe.ops import checks as C
 from lethe.ops import token_stats_reference as ref
 from lethe.ops._op import define_op
-from lethe.ops.shred import _chunk, _leading, check_chunk_size, check_label_values, check_linear_head
+from lethe.ops.shred import check_chunk_size, check_label_values, check_linear_head, head_rows
 
 __all__ = ["token_stats", "TokenStats"]
 
@@ -103,22 +103,14 @@ def token_stats(hidden, weight, labels, bias=None, *, ignore_index: int = IGNORE
 
     Not differentiable: with grad mode on, hidden, weight and bias must not require grad (call it
     under torch.no_grad(), which is fine for parameters that require grad)."""
-    _leading(hidden, "hidden", "[..., H]")
-    C.tensor(weight, "weight")
-    C.tensor(labels, "labels")
     if torch.is_grad_enabled():
         for t, name in ((hidden, "hidden"), (weight, "weight"), (bias, "bias")):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise RuntimeError(f"lethe.ops.token_stats is not differentiable: call it under torch.no_grad() "
                                    f"(or pass {name}.detach()); {name} requires grad")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {C.shape(hidden)[:-1]} (hidden without its last "
-                         f"dimension), got {C.shape(labels)}")
+    lead, h, w, b, lab, chunk = head_rows(hidden, weight, bias, labels, chunk_size)
     ignore_index = C.integer(ignore_index, "ignore_index")
-    lead = labels.shape
-    h = C.rows(hidden.detach())
-    args = (h, weight.detach(), None if bias is None else bias.detach(), labels.reshape(-1), ignore_index,
-            _chunk(chunk_size, weight.shape[0] if weight.dim() else 1))
+    args = (h, w, b, lab, ignore_index, chunk)
     which = _backend.resolve(TOKEN_STATS, h, backend)
     if which == "reference":
         check_token_stats(*args, values=True)
