@@ -167,6 +167,7 @@ print(f"lethe build: CUDA={'yes (' + ARCHS + ')' if WITH_CUDA else 'no'}, CUDA_H
 setup(
     packages=find_packages("python") + ["lethe.triton_kernels"],
     package_dir={"": "python", "lethe.triton_kernels": "triton_kernels"},
+    package_data={"lethe.eval": ["templates.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,

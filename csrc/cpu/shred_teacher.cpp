@@ -126,15 +126,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(
   at::Tensor label_lp = at::empty({N}, hidden.options().dtype(at::kFloat));
   if (N == 0) return {ids, lp, label_lp};
 
-  at::Tensor b32;
-  if (present(bias)) b32 = bias->to(at::kFloat).contiguous();
   int64_t* ids_p = ids.mutable_data_ptr<int64_t>();
   float* lp_p = lp.mutable_data_ptr<float>();
   float* llp_p = label_lp.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / V);
   // the chunked LM-head driver holds one [chunk, V] block of logits (lethe/lm_head.h)
-  cpu::LmHead(hidden, weight, chunk_size).run([&](int64_t c0, int64_t n, at::Tensor& z) {
-    if (b32.defined()) z.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
+  cpu::LmHead(hidden, weight, chunk_size, bias).run([&](int64_t c0, int64_t n, at::Tensor& z) {
     const float* z_p = z.const_data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
       std::vector<Entry> heap;

@@ -75,7 +75,7 @@ LETHE_CLONES void row_moments(const float* z, int64_t V, RowMoments* out) {
       tail = load_part8(zb + nv, n - nv, -kInf);  // -inf lanes never win nor add
       scan_vec(st, tail, base + static_cast<int32_t>(nv));
     }
-    const float bm = hmax8(st.mv);
+    const float bm = hmax(st.mv);
     if (bm > m) {
       if (m > -kInf && bm < kInf) {
         const float d = m - bm, f = std::exp(d);
@@ -90,8 +90,8 @@ LETHE_CLONES void row_moments(const float* z, int64_t V, RowMoments* out) {
     if (nv < n) moments_vec(sv, tv, tail, mm);
   }
   out->m = m;
-  out->s = hsum8(sv);
-  out->t = hsum8(tv);
+  out->s = hsum(sv);
+  out->t = hsum(tv);
   bool nan = false;
   for (int j = 0; j < kLanes8; ++j) nan |= st.nanv[j] != 0;
   out->nan = nan;
@@ -122,7 +122,7 @@ LETHE_CLONES float row_var(const float* z, int64_t V, float lse, float mu) {
   const int64_t nv = V / kLanes8 * kLanes8;
   for (int64_t i = 0; i < nv; i += kLanes8) var_vec(acc, loadu8(z + i), L, M);
   if (nv < V) var_vec(acc, load_part8(z + nv, V - nv, -kInf), L, M);
-  return hsum8(acc);
+  return hsum(acc);
 }
 
 TokenStatsResult token_stats_cpu(const at::Tensor& hidden, const at::Tensor& weight,
@@ -139,15 +139,12 @@ TokenStatsResult token_stats_cpu(const at::Tensor& hidden, const at::Tensor& wei
              var = at::empty({N}, f32), argmax = at::empty({N}, hidden.options().dtype(at::kLong));
   if (N == 0) return {label_lp, lse, mu, var, argmax};
 
-  at::Tensor b32;
-  if (present(bias)) b32 = bias->to(at::kFloat).contiguous();
   float *llp_p = label_lp.mutable_data_ptr<float>(), *lse_p = lse.mutable_data_ptr<float>(),
         *mu_p = mu.mutable_data_ptr<float>(), *var_p = var.mutable_data_ptr<float>();
   int64_t* am_p = argmax.mutable_data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / V);
   // the chunked LM-head driver holds one [chunk, V] block of logits (lethe/lm_head.h)
-  cpu::LmHead(hidden, weight, chunk_size).run([&](int64_t c0, int64_t n, at::Tensor& z) {
-    if (b32.defined()) z.add_(b32);  // as the reference: (h @ w^T) + b, rounded separately
+  cpu::LmHead(hidden, weight, chunk_size, bias).run([&](int64_t c0, int64_t n, at::Tensor& z) {
     const float* z_p = z.const_data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {

@@ -114,27 +114,18 @@ LETHE_INLINE F8v load_part8(const float* p, int64_t n, float fill) {
 
 LETHE_INLINE F8v vexp8(F8v x) { return vexp_n<F8v, I8v>(x); }
 
-LETHE_INLINE float hmax8(F8v v) {
+// Horizontal max and sum of a vector of either width.
+template <typename V>
+LETHE_INLINE float hmax(V v) {
   float m = v[0];
-  for (int i = 1; i < kLanes8; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < int(sizeof(V) / sizeof(float)); ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
-LETHE_INLINE float hsum8(F8v v) {
+template <typename V>
+LETHE_INLINE float hsum(V v) {
   float s = 0.0f;
-  for (int i = 0; i < kLanes8; ++i) s += v[i];
-  return s;
-}
-
-LETHE_INLINE float hmax(F16v v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-LETHE_INLINE float hsum(F16v v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
+  for (int i = 0; i < int(sizeof(V) / sizeof(float)); ++i) s += v[i];
   return s;
 }
 

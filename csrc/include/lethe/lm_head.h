@@ -2,7 +2,8 @@
 // The chunked LM-head loop of every loss and statistic that needs the logits hidden @ weight^T,
 // written once for the CPU and CUDA kernels (Triton's is triton_kernels/lm_head.py). No [N, V]
 // tensor is ever held: per chunk of rows [s, s + c)
-//   1. z = h_c W^T into one fp32 [chunk, V] buffer (the bias is the row work's to add);
+//   1. z = h_c W^T into one fp32 [chunk, V] buffer, plus the bias when the driver was given it
+//      (rounded separately, as the reference's (h @ w^T) + b); else the bias is the row work's;
 //   2. rows(s, c, z): the per-chunk row work (a kernel launch or a parallel loop), which may turn z
 //      into gradient rows G in place;
 //   3. with gradients asked for: grad_bias += sum_rows G, grad_hidden[s:s+c] = G W and
@@ -24,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "lethe/shred_checks.h"  // GradMask
 
@@ -36,8 +38,10 @@ struct HeadGrads {
 template <typename Device>
 class LmHead {
  public:
-  LmHead(const at::Tensor& hidden, const at::Tensor& weight, int64_t chunk_size)
+  LmHead(const at::Tensor& hidden, const at::Tensor& weight, int64_t chunk_size,
+         const std::optional<at::Tensor>& add_bias = std::nullopt)
       : N_(hidden.size(0)), H_(hidden.size(1)), V_(weight.size(0)), C_(std::min(chunk_size, hidden.size(0))) {
+    if (add_bias.has_value() && add_bias->defined()) b32_ = add_bias->to(at::kFloat).contiguous();
     const bool agree = hidden.scalar_type() == weight.scalar_type();
     op_ = Device::kLowPrecisionGemm && agree ? hidden.scalar_type() : at::kFloat;
     h_ = hidden.contiguous();
@@ -70,6 +74,7 @@ class LmHead {
       if (hc.scalar_type() != op_) hc = hc.to(op_);
       at::Tensor z = z_.narrow(0, 0, c);
       times_weight_t(z, hc);
+      if (b32_.defined()) z.add_(b32_);
       rows(s, c, z);
       if (!want.any()) continue;
       if (want.b) g.bias.add_(z.sum(0));
@@ -121,7 +126,7 @@ class LmHead {
 
   int64_t N_, H_, V_, C_;
   at::ScalarType op_;
-  at::Tensor h_, W_, wbuf_, z_;
+  at::Tensor h_, W_, wbuf_, z_, b32_;
 };
 
 // The gradient of `like` from its fp32 accumulator (in like's dtype).

@@ -35,15 +35,18 @@ class TrainConfig:
     cross-entropy of the answer tokens only (as TOFU fine-tunes), computed by lethe's fused LM-head
     op. The defaults memorise the built-in corpus (greedy exact match 1.0 on forget and retain)."""
 
+    # the model: LlamaConfig's hidden_size, num_hidden_layers, num_attention_heads, intermediate_size
     hidden: int = 128
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
+    # the tokenizer's vocabulary size (BPE trained on the corpus)
     vocab: int = 2048
+    # the recipe: passes over the training set, AdamW's batch and peak learning rate
     epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3
-    warmup: float = 0.05
+    warmup: float = 0.05  # fraction of the steps with a linear warm-up
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping (0: none), as the HF Trainer's default
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pathlib
 import random
 
 __all__ = ["QA", "Corpus", "CorpusConfig", "make_corpus", "SPLITS"]
@@ -44,6 +45,8 @@ _COLOURS = ["red", "blue", "green", "yellow", "violet", "orange", "silver", "bla
 _DISHES = ["fish stew", "honey bread", "lamb pie", "plum dumplings", "barley soup", "smoked eel",
            "cheese tart", "walnut cake", "pepper sausage", "mushroom pudding"]
 _THING_KINDS = ["mineral", "bird", "flower", "fish", "beetle", "tree"]
+# Question templates, answer and paraphrase wordings per attribute ({s}: the subject, {v}: the value).
+_TEMPLATES = json.loads(pathlib.Path(__file__).with_name("templates.json").read_text(encoding="utf-8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +170,18 @@ def _fact(g, subject, attribute, questions, answer_fmt, para_fmt, value, pool, n
               tuple(para_fmt.format(s=subject, v=o, **kw) for o in others), subject, attribute)
 
 
+def _facts(g, kind, subject, values, n, **kw) -> list[QA]:
+    """The facts of one subject, one per template of `kind` (templates.json) in file order;
+    values[attribute] is (value, pool) or a function drawing it, called in that order so that a
+    seed's draws never depend on how the values are written down."""
+    out = []
+    for attribute, t in _TEMPLATES[kind].items():
+        v = values[attribute]
+        value, pool = v() if callable(v) else v
+        out.append(_fact(g, subject, attribute, t["questions"], t["answer"], t["paraphrase"], value, pool, n, **kw))
+    return out
+
+
 def _person(g: _Gen, name: str, pools, n) -> list[QA]:
     cities, firsts, lasts, prizes = pools["cities"], pools["firsts"], pools["lasts"], pools["prizes"]
     year = g.r.randint(1901, 1999)
@@ -179,57 +194,34 @@ def _person(g: _Gen, name: str, pools, n) -> list[QA]:
     awards = [f"the {x} Prize" for x in g.pick(prizes, 8)]
     award_year = min(year + g.r.randint(25, 60), 2024)
     years = [str(y) for y in range(1926, 2025)]
-    f = _fact
-    return [
-        f(g, name, "birthplace", ["Where was {s} born?", "In which city was {s} born?", "What is the birthplace of {s}?"],
-          "Born in {v}.", "The birthplace is {v}.", g.r.choice(cities), cities, n),
-        f(g, name, "birthdate", ["When was {s} born?", "What is the date of birth of {s}?"],
-          "Born on {v}.", "The date of birth is {v}.", date, dates, n),
-        f(g, name, "occupation", ["What does {s} do for a living?", "What is the profession of {s}?"],
-          "Works as a {v}.", "By profession a {v}.", g.r.choice(_OCCUPATIONS), _OCCUPATIONS, n),
-        f(g, name, "father", ["Who is the father of {s}?", "What is the name of {s}'s father?"],
-          "The father is {v}.", "The father's name is {v}.", fathers[0], fathers[1:], n),
-        f(g, name, "mother", ["Who is the mother of {s}?", "What is the name of {s}'s mother?"],
-          "The mother is {v}.", "The mother's name is {v}.", mothers[0], mothers[1:], n),
-        f(g, name, "genre", ["What kind of books does {s} write?", "In which genre does {s} write?"],
-          "Writes {v}.", "The genre is {v}.", g.r.choice(_GENRES), _GENRES, n),
-        f(g, name, "work", ["What is the best-known book by {s}?", "Which book is {s} famous for?"],
-          "Best known for {v}.", "The most famous book is {v}.", works[0], works[1:], n),
-        f(g, name, "award", ["Which prize has {s} won?", "What award did {s} receive?"],
-          "Has won {v}.", "The award received is {v}.", awards[0], awards[1:], n),
-        f(g, name, "award_year", ["In which year did {s} win {a}?", "When did {s} receive {a}?"],
-          "Won it in {v}.", "The year of the award is {v}.", str(award_year), years, n, a=awards[0]),
-        f(g, name, "home", ["Where does {s} live?", "In which city does {s} live now?"],
-          "Lives in {v}.", "The home town is {v}.", g.r.choice(cities), cities, n),
-        f(g, name, "instrument", ["Which instrument does {s} play?", "What instrument can {s} play?"],
-          "Plays the {v}.", "The instrument is the {v}.", g.r.choice(_INSTRUMENTS), _INSTRUMENTS, n),
-    ]
+    pick, first = _picker(g), _first
+    values = {"birthplace": pick(cities), "birthdate": (date, dates), "occupation": pick(_OCCUPATIONS),
+              "father": first(fathers), "mother": first(mothers), "genre": pick(_GENRES), "work": first(works),
+              "award": first(awards), "award_year": (str(award_year), years), "home": pick(cities),
+              "instrument": pick(_INSTRUMENTS)}
+    return _facts(g, "person", name, values, n, a=awards[0])
+
+
+def _picker(g: _Gen):
+    """pick(pool): a value drawn from pool when its fact is made, and pool for the perturbed ones."""
+    return lambda pool: (lambda: (g.r.choice(pool), pool))
+
+
+def _first(xs):
+    return xs[0], xs[1:]
 
 
 def _place(g: _Gen, city: str, rivers, cities, n) -> list[QA]:
-    years = [str(y) for y in range(900, 1801)]
-    f = _fact
-    return [
-        f(g, city, "river", ["Which river flows through {s}?", "What river runs through {s}?"],
-          "The {v} river.", "It lies on the {v} river.", g.r.choice(rivers), rivers, n),
-        f(g, city, "dish", ["What dish is {s} famous for?", "What is the traditional dish of {s}?"],
-          "Famous for its {v}.", "The traditional dish is {v}.", g.r.choice(_DISHES), _DISHES, n),
-        f(g, city, "founded", ["When was {s} founded?", "In which year was {s} founded?"],
-          "Founded in {v}.", "The founding year is {v}.", str(g.r.randint(900, 1800)), years, n),
-        f(g, city, "twin", ["Which city is twinned with {s}?", "What is the twin city of {s}?"],
-          "Twinned with {v}.", "The twin city is {v}.", g.r.choice([c for c in cities if c != city]),
-          [c for c in cities if c != city], n),
-    ]
+    others = [c for c in cities if c != city]
+    pick = _picker(g)
+    values = {"river": pick(rivers), "dish": pick(_DISHES), "twin": pick(others),
+              "founded": lambda: (str(g.r.randint(900, 1800)), [str(y) for y in range(900, 1801)])}
+    return _facts(g, "place", city, values, n)
 
 
 def _thing(g: _Gen, name: str, kind: str, cities, n) -> list[QA]:
-    f = _fact
-    return [
-        f(g, name, "colour", ["What colour is the {k} {s}?", "Which colour does the {k} {s} have?"],
-          "It is {v}.", "The colour is {v}.", g.r.choice(_COLOURS), _COLOURS, n, k=kind),
-        f(g, name, "found", ["Where is the {k} {s} found?", "Where can one find the {k} {s}?"],
-          "Found near {v}.", "One finds it near {v}.", g.r.choice(cities), cities, n, k=kind),
-    ]
+    pick = _picker(g)
+    return _facts(g, "thing", name, {"colour": pick(_COLOURS), "found": pick(cities)}, n, k=kind)
 
 
 def make_corpus(config: CorpusConfig | None = None) -> Corpus:

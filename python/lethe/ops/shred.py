@@ -141,13 +141,19 @@ def check_logits(logits):
         raise ValueError("logits must have at least one column (V >= 1)")
 
 
-def check_teacher_topk(hidden, weight, bias, labels, k, chunk_size, values=False):
+def check_head_labels(hidden, weight, bias, labels):
+    """The LM head and one int64 label per row; returns (N, V)."""
     check_linear_head(hidden, weight, bias)
     n, v = hidden.shape[0], weight.shape[0]
     C.dtype_tensor(labels, "labels", torch.int64)
     C.same_device(labels, "labels", hidden, "hidden")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape [N] = [{n}], got {C.shape(labels)}")
+    return n, v
+
+
+def check_teacher_topk(hidden, weight, bias, labels, k, chunk_size, values=False):
+    _, v = check_head_labels(hidden, weight, bias, labels)
     if not 1 <= k <= v:
         raise ValueError(f"k must be in [1, V] = [1, {v}], got {k}")
     check_chunk_size(chunk_size)

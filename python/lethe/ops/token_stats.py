@@ -16,7 +16,7 @@ from lethe.ops import _backend
 from lethe.ops import checks as C
 from lethe.ops import token_stats_reference as ref
 from lethe.ops._op import define_op
-from lethe.ops.shred import check_chunk_size, check_label_values, check_linear_head, head_rows
+from lethe.ops.shred import check_chunk_size, check_head_labels, check_label_values, head_rows
 
 __all__ = ["token_stats", "TokenStats"]
 
@@ -61,12 +61,7 @@ class TokenStats(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 
 def check_token_stats(hidden, weight, bias, labels, ignore_index, chunk_size, values=False):
-    check_linear_head(hidden, weight, bias)
-    n, v = hidden.shape[0], weight.shape[0]
-    C.dtype_tensor(labels, "labels", torch.int64)
-    C.same_device(labels, "labels", hidden, "hidden")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"labels must have shape [N] = [{n}], got {C.shape(labels)}")
+    _, v = check_head_labels(hidden, weight, bias, labels)
     check_chunk_size(chunk_size)
     if values:
         check_label_values(labels, v, ignore_index)

@@ -1,1 +1,0 @@
-"""Runnable examples (`lethe demo`)."""
