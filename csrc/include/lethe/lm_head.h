@@ -51,7 +51,11 @@ class LmHead {
                                                256, 4096);
       wbuf_ = Device::empty({std::min(rows, V_), H_}, op_, weight);
     }
-    z_ = Device::empty({C_, V_}, at::kFloat, hidden);
+    // The [chunk, V] buffers are allocated with a power-of-two number of rows (at most chunk_size)
+    // and narrowed: batches whose row counts vary then reuse a few sizes from the CPU output-buffer
+    // cache, which reuses only exact sizes, instead of leaving one block per row count behind.
+    B_ = std::min(chunk_size, pow2_at_least(C_));
+    z_ = Device::empty({B_, V_}, at::kFloat, hidden);
   }
 
   int64_t chunk() const { return C_; }
@@ -63,11 +67,11 @@ class LmHead {
     at::Tensor gh32, glow;
     if (want.h) {
       g.hidden = Device::empty({N_, H_}, h_.scalar_type(), h_);
-      if (h_.scalar_type() != at::kFloat) gh32 = Device::empty({C_, H_}, at::kFloat, h_);
+      if (h_.scalar_type() != at::kFloat) gh32 = Device::empty({B_, H_}, at::kFloat, h_);
     }
     if (want.w) g.weight = Device::empty({V_, H_}, at::kFloat, h_);  // the first chunk writes it
     if (want.b) g.bias = Device::empty({V_}, at::kFloat, h_).zero_();
-    if ((want.h || want.w) && op_ != at::kFloat) glow = Device::empty({C_, V_}, op_, h_);
+    if ((want.h || want.w) && op_ != at::kFloat) glow = Device::empty({B_, V_}, op_, h_);
     for (int64_t s = 0; s < N_; s += C_) {
       const int64_t c = std::min(C_, N_ - s);
       at::Tensor hc = h_.narrow(0, s, c);
@@ -124,7 +128,13 @@ class LmHead {
     });
   }
 
-  int64_t N_, H_, V_, C_;
+  static int64_t pow2_at_least(int64_t n) {
+    int64_t p = 1;
+    while (p < n) p <<= 1;
+    return p;
+  }
+
+  int64_t N_, H_, V_, C_, B_;
   at::ScalarType op_;
   at::Tensor h_, W_, wbuf_, z_, b32_;
 };
