@@ -11,6 +11,27 @@ if not torch.cuda.is_available():
 import backends  # noqa: E402  (after TRITON_INTERPRET)
 
 
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    """The reduced built-in benchmark (bench_fixtures.EVAL_TEST), built once per session into
+    LETHE_TEST_CACHE (default a temporary folder)."""
+    from bench_fixtures import EVAL_TEST
+    from lethe.eval.benchmark import build_benchmark
+
+    cache = os.environ.get("LETHE_TEST_CACHE") or tmp_path_factory.mktemp("lethe-cache")
+    return build_benchmark(EVAL_TEST, splits=("forget10",), cache=cache, progress=False, retain_seeds=2)
+
+
+@pytest.fixture(scope="session")
+def models(bench):
+    """Its target model and the two retain models of forget10 (seeds 0 and 1), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()  # noqa: E731
+    return {"target": load(bench.target), "retain": load(bench.retain["forget10"][0]),
+            "retain2": load(bench.retain["forget10"][1])}
+
+
 @pytest.fixture(params=backends.params())
 def backend(request):
     """The backend an op test runs on: cpu, triton (interpreted without a GPU) or cuda (see backends.py)."""

@@ -1,8 +1,8 @@
 """The evaluation on the built-in benchmark: it discriminates (target vs exactly retrained models),
 the attacks, the report, and `lethe eval`'s error paths.
 
-The benchmark is built once per test session, at a reduced size (EVAL_TEST below), into the
-session's cache folder (LETHE_TEST_CACHE, default a pytest temporary folder)."""
+The benchmark is built once per test session, at a reduced size (bench_fixtures.EVAL_TEST), into
+the session's cache folder (LETHE_TEST_CACHE, default a pytest temporary folder)."""
 import json
 import os
 import subprocess
@@ -12,29 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lethe.eval.benchmark import BenchmarkConfig, TrainConfig, build_benchmark
-from lethe.eval.corpus import CorpusConfig
+from bench_fixtures import EVAL_TEST  # noqa: F401  (the session fixtures bench and models: conftest.py)
 from lethe.eval.evaluator import EvalData, Evaluator, RelearnConfig, builtin_data, _split_forget
-
-# the smallest benchmark whose assertions below still hold (see benchmarks/RESULTS.md, evaluation)
-EVAL_TEST = BenchmarkConfig(corpus=CorpusConfig(people=100, holdout_people=20, places=24, things=16),
-                            train=TrainConfig(batch_size=32))
-
-
-@pytest.fixture(scope="session")
-def bench(tmp_path_factory):
-    cache = os.environ.get("LETHE_TEST_CACHE") or tmp_path_factory.mktemp("lethe-cache")
-    return build_benchmark(EVAL_TEST, splits=("forget10",), cache=cache, progress=False, retain_seeds=2)
-
-
-@pytest.fixture(scope="session")
-def models(bench):
-    from transformers import AutoModelForCausalLM
-
-    load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()  # noqa: E731
-    return {"target": load(bench.target), "retain": load(bench.retain["forget10"][0]),
-            "retain2": load(bench.retain["forget10"][1])}
-
 
 @pytest.fixture(scope="session")
 def evaluator(bench, models):

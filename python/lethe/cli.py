@@ -48,13 +48,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lethe", description="machine unlearning kernels and methods")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, what was built, and which backend each op uses")
-    d = sub.add_parser("demo", help="quantisation-recovery demo on a tiny model built on the spot")
-    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic facts and the models (default 0)")
-    d.add_argument("--unlearn-steps", type=int, default=40,
-                   help="optimiser steps of each unlearning run, GradDiff and DurableUn-SAF (default 40)")
-    d.add_argument("--unlearn-lr", type=float, default=1e-3, help="learning rate of the unlearning runs (default 1e-3)")
-    d.add_argument("--saf-alpha", type=float, default=1.0,
-                   help="DurableUn-SAF's weight alpha of the quantised forget term (default 1.0)")
+    d = sub.add_parser("demo", help="every unlearning method on the built-in benchmark, evaluated: a leaderboard",
+                       description="Builds (or loads from the cache) the built-in fictitious-facts benchmark, runs "
+                                   "every registered method with its defaults on the forget10 split, evaluates each "
+                                   "(every metric, the quantisation and relearning attacks), prints a leaderboard and "
+                                   "writes demo.json and plots to --out. Interrupted, a rerun continues with the "
+                                   "methods not yet done.")
+    d.add_argument("--out", default="lethe-demo", help="directory for the reports and plots (default lethe-demo)")
+    d.add_argument("--methods", default=None, help="comma-separated methods to run (default: all registered)")
+    d.add_argument("--cache", default=None, help="cache directory of the benchmark (default LETHE_CACHE or ~/.cache/lethe)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the benchmark (default 0)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from lethe.methods.cli import add_parser
+
+    add_parser(sub)
     _eval_parser(sub)
     a = p.parse_args(argv)
     if a.cmd == "eval":
@@ -66,9 +73,13 @@ def main(argv=None) -> int:
 
         info()
     elif a.cmd == "demo":
-        from lethe.examples.quant_recovery import run
+        from lethe.demo import main as demo
 
-        run(seed=a.seed, unlearn_steps=a.unlearn_steps, unlearn_lr=a.unlearn_lr, saf_alpha=a.saf_alpha)
+        return demo(a)
+    elif a.cmd == "unlearn":
+        from lethe.methods.cli import run_unlearn
+
+        return run_unlearn(a)
     return 0
 
 

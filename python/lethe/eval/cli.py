@@ -38,15 +38,21 @@ def _bench_meta(bench, split) -> dict:
             "cache": str(bench.root)}
 
 
-def run_eval(a) -> int:
+def guarded(command: str, run, a, kept: str, errors=(UsageError,)) -> int:
+    """run(a)'s exit status; a usage error is a message and status 2, an interruption says what
+    was `kept` (status 130): never a traceback."""
     try:
-        return _run(a)
-    except UsageError as e:
-        print(f"lethe eval: error: {e}", file=sys.stderr)
+        return run(a)
+    except errors as e:
+        print(f"lethe {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lethe eval: interrupted (what was saved in --out is kept)", file=sys.stderr)
+        print(f"lethe {command}: interrupted ({kept})", file=sys.stderr)
         return 130
+
+
+def run_eval(a) -> int:
+    return guarded("eval", _run, a, "what was saved in --out is kept")
 
 
 def _run(a) -> int:

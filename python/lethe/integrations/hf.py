@@ -7,7 +7,11 @@ hidden states: Cohere's `logit_scale`, Granite's `1 / logits_scaling`, Falcon-H1
 `lm_head_multiplier`. Models whose logits are transformed otherwise (Gemma 2's final-logit
 softcapping, and any other transform) are refused with an error naming it: a fused loss would
 train another model. The first use of each model checks this on a few tokens against the model's
-own logits."""
+own logits.
+
+UnlearnTrainer (a transformers.Trainer running lethe's unlearning methods), its dataset and
+collator helpers and training_arguments are defined in lethe.integrations.hf_trainer and
+re-exported here lazily: importing this module does not import transformers."""
 from __future__ import annotations
 
 import weakref
@@ -21,7 +25,7 @@ from lethe.ops.shred import IGNORE_INDEX
 from lethe.ops.token_stats import TokenStats
 from lethe.ops.token_stats import token_stats as _token_stats
 
-__all__ = ["unwrap", "last_hidden_and_head", "shifted_labels", "shred_targets", "shred_loss", "token_stats"]
+__all__ = ["unwrap", "check_causal_lm", "last_hidden_and_head", "shifted_labels", "shred_targets", "shred_loss", "token_stats"]
 
 # config attributes that scale the logits (name, how): the transforms lethe applies
 SCALES = (("logit_scale", "multiply"), ("logits_scaling", "divide"), ("lm_head_multiplier", "multiply"))
@@ -29,6 +33,18 @@ SCALES = (("logit_scale", "multiply"), ("logits_scaling", "divide"), ("lm_head_m
 REFUSED = ("final_logit_softcapping", "logits_soft_cap", "logit_softcap")
 
 _verified: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
+
+# lethe.integrations.hf_trainer's names, imported on first use (it imports transformers)
+_TRAINER_NAMES = ("UnlearnTrainer", "UnlearnStepDataset", "ForgetRetainCollator", "step_collator",
+                  "training_arguments", "METHOD_STATE")
+
+
+def __getattr__(name):
+    if name in _TRAINER_NAMES:
+        from lethe.integrations import hf_trainer
+
+        return getattr(hf_trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -178,3 +194,17 @@ def token_stats(model, input_ids, labels, attention_mask=None, *, ignore_index: 
                             backend=backend)
     finally:
         model.train(was_training)
+
+
+def check_causal_lm(model) -> None:
+    """Raises ValueError unless `model` (unwrapped) is a causal LM lethe's fused losses can run on:
+    a base model giving hidden states and an LM head with a weight, its logits not transformed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    m = unwrap(model)
+    _head(m)
+    base = getattr(m, "base_model", None)
+    if base is None or base is m:
+        raise ValueError(f"model ({type(m).__name__}) has no base_model to take hidden states from: lethe needs a "
+                         "transformers causal LM (…ForCausalLM)")
+    logit_scale(m)

@@ -1,0 +1,21 @@
+"""Unlearning methods on lethe's fused ops, by name.
+
+    import lethe.methods as lm
+    lm.available()                       # ['ga', 'graddiff', 'npo', 'simnpo', 'shred', 'saf']
+    result = lm.unlearn(model, forget, retain, method="npo", tokenizer=tok, steps=40)
+
+Each method is a small class with a config dataclass holding its paper's defaults
+(lm.get("npo").Config); the optimiser settings (UnlearnConfig) are the built-in benchmark's."""
+from lethe.methods.base import Encoded, Method, available, get, register
+from lethe.methods.driver import UnlearnConfig, UnlearnResult, encode, make_method, unlearn, write_log
+# the methods register themselves on import, in this order
+from lethe.methods.ga import GA, GAConfig
+from lethe.methods.graddiff import GradDiff, GradDiffConfig
+from lethe.methods.npo import NPO, NPOConfig
+from lethe.methods.simnpo import SimNPO, SimNPOConfig
+from lethe.methods.shred import Shred, ShredConfig
+from lethe.methods.saf import SAF, SAFConfig
+
+__all__ = ["Method", "Encoded", "available", "get", "register", "unlearn", "UnlearnConfig", "UnlearnResult",
+           "encode", "make_method", "write_log", "GA", "GAConfig", "GradDiff", "GradDiffConfig", "NPO", "NPOConfig",
+           "SimNPO", "SimNPOConfig", "Shred", "ShredConfig", "SAF", "SAFConfig"]

@@ -1,0 +1,84 @@
+"""SHRED (2026): "Retain-Set-Free Unlearning via Self-Distillation with Logit Demotion".
+
+The frozen teacher (the original model) passes once over each forget example (prepare): its
+top-K ids and log-probabilities and the label's log-probability, fused with the LM head
+(teacher_topk); the forget positions are each sequence's lowest-P% label probabilities after its
+first S valid positions; the target is the teacher's top-K with the demoted set zeroed (variant
+A: the label; B: also the top-p nucleus), renormalised, and the renormalised top-K elsewhere
+(anchors). Training minimises the fused top-K KL alone, sum_t KL(q_t || softmax(z_t)) averaged
+over the answer positions, with the full-vocabulary log-sum-exp. No retain set.
+Defaults: K = 64, P = 0.5, S = 0, variant A (the paper's grid: K in {32, 64, 128}, S in {0, 8, 32})."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lethe.methods.base import Method, answer_rows, register
+
+
+@dataclasses.dataclass(frozen=True)
+class ShredConfig:
+    k: int = 64
+    fraction: float = 0.5  # P
+    skip: int = 0  # S
+    variant: str = "A"
+    top_p: float = 0.5  # variant B's nucleus
+    normalize: str = "full"
+
+    def __post_init__(self):
+        self.loss_module()  # the module checks every field
+
+
+    def loss_module(self):
+        from lethe.nn.shred import ShredLoss
+
+        return ShredLoss(k=self.k, fraction=self.fraction, skip=self.skip, variant=self.variant, top_p=self.top_p,
+                         normalize=self.normalize)
+
+
+@register
+class Shred(Method):
+    name = "shred"
+    Config = ShredConfig
+    benchmark = {"lr": 5e-4, "batch_size": 32, "epochs": 12}
+
+    @torch.no_grad()
+    def prepare(self, model, forget, retain):
+        """The teacher's targets of every forget example, kept per example (ids, probs) over its
+        answer positions."""
+        from lethe.integrations import hf
+
+        loss_fn = self.config.loss_module()
+        dev = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        targets, demoted = [], 0
+        try:
+            for batch in forget.batches(64, dev):
+                hidden, w, b = hf.last_hidden_and_head(model, batch["input_ids"], batch["attention_mask"])
+                labels = hf.shifted_labels(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                t = loss_fn.targets(hidden[:, :-1], w, labels, b)
+                demoted += int(t.forget.sum())
+                for r in range(labels.shape[0]):
+                    v = t.valid[r]
+                    targets.append((t.ids[r][v].cpu(), t.probs[r][v].cpu()))
+        finally:
+            model.train(was)
+        self._state["targets"] = targets
+        self._state["forget_positions"] = demoted
+
+    def loss(self, model, inputs, step, total_steps):
+        from lethe.ops import fused_linear_topk_kl
+
+        f = inputs["forget"]
+        h, w, b, lab, seq, B = answer_rows(model, f)
+        rows = f["index"].tolist()
+        targets = self._state["targets"]
+        ids = torch.cat([targets[i][0] for i in rows]).to(h.device)
+        probs = torch.cat([targets[i][1] for i in rows]).to(h.device)
+        if ids.shape[0] != h.shape[0]:
+            raise ValueError("shred: the cached teacher targets do not match the batch's answer positions (the "
+                             "batch's examples are not the ones the method was prepared on)")
+        kl = fused_linear_topk_kl(h, w, ids, probs, bias=b, normalize=self.config.normalize)
+        return kl, {"kl": kl.item()}
