@@ -66,8 +66,8 @@ def training_arguments(cfg: UnlearnConfig, output_dir, **kw) -> TrainingArgument
     logging_steps=...); give the UnlearnTrainer batch_size=cfg.batch_size."""
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"cfg must be an UnlearnConfig, got {type(cfg).__name__}")
-    if cfg.epochs is not None:
-        raise ValueError("cfg: give the steps, not epochs (cfg.resolved(len(forget)) turns one into the other)")
+    if cfg.batch_fraction is not None:
+        raise ValueError("cfg: give batch_size, not batch_fraction (cfg.resolved(len(forget)) turns one into the other)")
     a = dict(output_dir=os.fspath(output_dir), learning_rate=float(cfg.lr), max_steps=cfg.steps,
              warmup_steps=int(cfg.warmup * cfg.steps), lr_scheduler_type="linear", weight_decay=float(cfg.weight_decay),
              max_grad_norm=float(cfg.clip), adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",

@@ -28,12 +28,10 @@ def add_parser(sub) -> None:
     u.add_argument("--retain", default=None, help="JSONL file of the retain set (for the methods that use one)")
     u.add_argument("--out", required=True, help="directory for the unlearned model, run.json and the checkpoint")
     u.add_argument("--steps", type=int, default=None, help=f"optimiser steps{per} {d.steps})")
-    u.add_argument("--epochs", type=float, default=None,
-                   help="passes over the forget set instead of --steps (default: the method's setting for the built-in "
-                        "benchmark, if it has one)")
     u.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate{per} {d.lr:g})")
     u.add_argument("--batch-size", type=int, default=None,
-                   help=f"forget (and retain) examples per step{per} {d.batch_size})")
+                   help=f"forget (and retain) examples per step (default: the method's setting for the built-in "
+                        f"benchmark, a fraction of the forget set; else {d.batch_size})")
     u.add_argument("--warmup", type=float, default=None, help=f"fraction of warm-up steps{per} {d.warmup:g})")
     u.add_argument("--clip", type=float, default=None, help=f"gradient-norm clipping, 0 for none{per} {d.clip:g})")
     u.add_argument("--seed", type=int, default=None, help="seed of the batch order (default 0)")
@@ -95,7 +93,7 @@ def _run(a) -> int:
         raise UsageError(f"--method: {e}") from None
     try:
         method = cls(**method_overrides(cls, a.set))
-        given = {k: getattr(a, k) for k in ("steps", "epochs", "lr", "batch_size", "warmup", "clip", "seed")
+        given = {k: getattr(a, k) for k in ("steps", "lr", "batch_size", "warmup", "clip", "seed")
                  if getattr(a, k) is not None}
         train = UnlearnConfig.for_method(method, **given)
     except (ValueError, TypeError) as e:
@@ -132,7 +130,7 @@ def _run(a) -> int:
         return 0
     try:
         res = lm.unlearn(model, f, r, method, train=train, checkpoint_dir=out,
-                         checkpoint_every=a.checkpoint_every or train.resolved(len(f)).steps, resume=a.resume,
+                         checkpoint_every=a.checkpoint_every or train.steps, resume=a.resume,
                          progress=not a.no_progress, layers=a.layers)
     except (ValueError, FloatingPointError) as e:
         raise UsageError(str(e)) from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -32,10 +31,11 @@ class UnlearnConfig:
     TOFU with 1-8B models use lr 1e-5 and about 5 epochs)."""
 
     steps: int = 40
-    # passes over the forget set instead of `steps`: steps = ceil(epochs * len(forget) / batch_size)
-    epochs: Optional[float] = None
     lr: float = 1e-3
     batch_size: int = 16  # forget examples per step (and retain examples, when the method uses them)
+    # forget examples per step as a fraction of the forget set instead (rounded, at least 1): the
+    # same number of steps then covers a larger forget set with larger batches
+    batch_fraction: Optional[float] = None
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; then linear decay to 0
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping (0: none)
@@ -56,24 +56,24 @@ class UnlearnConfig:
                 raise ValueError(f"UnlearnConfig: {f} must be a number >= 0, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"UnlearnConfig: seed must be an int, got {self.seed!r}")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float))
-                                        or not self.epochs > 0):
-            raise ValueError(f"UnlearnConfig: epochs must be a number > 0 or None, got {self.epochs!r}")
+        f = self.batch_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+            raise ValueError(f"UnlearnConfig: batch_fraction must be a number in (0, 1] or None, got {f!r}")
 
     def resolved(self, n_forget: int) -> "UnlearnConfig":
-        """This config with `epochs` turned into `steps` for a forget set of n_forget examples."""
-        if self.epochs is None:
+        """This config with `batch_fraction` turned into `batch_size` for a forget set of n_forget examples."""
+        if self.batch_fraction is None:
             return self
-        b = min(self.batch_size, n_forget)
-        return dataclasses.replace(self, steps=max(1, math.ceil(self.epochs * n_forget / b - 1e-9)), epochs=None)
+        return dataclasses.replace(self, batch_size=max(1, round(self.batch_fraction * n_forget)),
+                                   batch_fraction=None)
 
     @classmethod
     def for_method(cls, method, **overrides) -> "UnlearnConfig":
         """The built-in benchmark's settings for `method` (a name, class or instance): these
         defaults with the method's `benchmark` overrides, then `overrides`."""
         m = method if isinstance(method, Method) else get(method)
-        if "steps" in overrides:  # given steps win over the method's epochs
-            overrides.setdefault("epochs", None)
+        if "batch_size" in overrides:  # a given batch size wins over the method's fraction
+            overrides.setdefault("batch_fraction", None)
         return cls(**{**m.benchmark, **overrides})
 
 
@@ -205,8 +205,8 @@ def unlearn(model, forget, retain=None, method: Union[str, Method] = "npo", conf
     elif not isinstance(train, UnlearnConfig):
         raise TypeError(f"train must be an UnlearnConfig, got {type(train).__name__}")
     elif train_overrides:
-        if "steps" in train_overrides:
-            train_overrides.setdefault("epochs", None)
+        if "batch_size" in train_overrides:
+            train_overrides.setdefault("batch_fraction", None)
         train = dataclasses.replace(train, **train_overrides)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")

@@ -19,7 +19,7 @@ class GAConfig:
 class GA(Method):
     name = "ga"
     Config = GAConfig
-    benchmark = {"lr": 5e-4, "epochs": 6}
+    benchmark = {"lr": 5e-4, "steps": 42, "batch_fraction": 0.145}
 
     def loss(self, model, inputs, step, total_steps):
         nll, _, _ = token_nll(model, inputs["forget"])

@@ -19,7 +19,7 @@ class GradDiffConfig(RetainWeights):
 class GradDiff(WithRetain):
     name = "graddiff"
     Config = GradDiffConfig
-    benchmark = {"lr": 5e-4, "batch_size": 32, "epochs": 12}
+    benchmark = {"lr": 5e-4, "steps": 42, "batch_fraction": 0.29}
 
     def loss(self, model, inputs, step, total_steps):
         nll, _, _ = token_nll(model, inputs["forget"])

@@ -28,7 +28,7 @@ class NPOConfig(RetainWeights):
 class NPO(WithRetain):
     name = "npo"
     Config = NPOConfig
-    benchmark = {"lr": 3.5e-4, "batch_size": 32, "epochs": 12}
+    benchmark = {"lr": 3.5e-4, "steps": 42, "batch_fraction": 0.29}
 
     def prepare(self, model, forget, retain):
         self._state["ref_nll"] = frozen_sequence_nll(model, forget)

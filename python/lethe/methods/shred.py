@@ -41,7 +41,7 @@ class ShredConfig:
 class Shred(Method):
     name = "shred"
     Config = ShredConfig
-    benchmark = {"lr": 5e-4, "batch_size": 32, "epochs": 12}
+    benchmark = {"lr": 5e-4, "steps": 42, "batch_fraction": 0.29}
 
     @torch.no_grad()
     def prepare(self, model, forget, retain):

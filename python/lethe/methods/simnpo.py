@@ -32,7 +32,7 @@ class SimNPOConfig(RetainWeights):
 class SimNPO(WithRetain):
     name = "simnpo"
     Config = SimNPOConfig
-    benchmark = {"lr": 1e-3, "batch_size": 32, "epochs": 12}
+    benchmark = {"lr": 1e-3, "steps": 42, "batch_fraction": 0.29}
 
     def loss(self, model, inputs, step, total_steps):
         c = self.config
