@@ -12,7 +12,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-__all__ = ["Method", "register", "get", "available", "Encoded", "answer_rows", "sequence_nll", "token_nll",
+__all__ = ["Method", "register", "get", "available", "Encoded", "answer_rows", "mean_nll", "sequence_nll", "token_nll",
            "reference_topk", "topk_kl_rows", "frozen_sequence_nll", "check_weight", "check_number", "RetainTerm",
            "RetainWeights", "WithRetain"]
 
@@ -165,6 +165,11 @@ def token_nll(model, batch: dict, backend: Optional[str] = None):
     return nll, seq, B
 
 
+def mean_nll(model, batch: dict, backend: Optional[str] = None) -> torch.Tensor:
+    """The batch's mean -log p(label) over its labelled tokens (what a causal LM's .loss is)."""
+    return token_nll(model, batch, backend)[0].mean()
+
+
 def sequence_nll(model, batch: dict, backend: Optional[str] = None):
     """(-log p(answer | prompt) per sequence [B], answer lengths [B]): token NLLs summed."""
     nll, seq, B = token_nll(model, batch, backend)
@@ -247,8 +252,7 @@ class RetainTerm:
 
     def __call__(self, method: "Method", model, batch: dict) -> torch.Tensor:
         if self.kind == "nll":
-            nll, _, _ = token_nll(model, batch)
-            return nll.mean()
+            return mean_nll(model, batch)
         return topk_kl_rows(model, batch, method._state["retain_topk"])
 
 

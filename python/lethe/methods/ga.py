@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lethe.methods.base import Method, register, token_nll
+from lethe.methods.base import Method, mean_nll, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,5 @@ class GA(Method):
     benchmark = {"lr": 5e-4, "steps": 42, "batch_fraction": 0.145}
 
     def loss(self, model, inputs, step, total_steps):
-        nll, _, _ = token_nll(model, inputs["forget"])
-        forget = nll.mean()
+        forget = mean_nll(model, inputs["forget"])
         return -forget, {"forget_nll": forget.item()}

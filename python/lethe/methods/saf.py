@@ -15,7 +15,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from lethe.methods.base import Method, check_weight, register, token_nll
+from lethe.methods.base import Method, check_weight, mean_nll, register
 
 PRESETS = ("paper-int4", "int4-g128", "int4-g128-asym", "nf4-b64", "int8")
 
@@ -55,8 +55,7 @@ class _Forward(nn.Module):
         self.model = model
 
     def forward(self, batch):
-        nll, _, _ = token_nll(self.model, batch)
-        return nll.mean()
+        return mean_nll(self.model, batch)
 
 
 @register
@@ -85,10 +84,7 @@ class SAF(Method):
     def loss(self, model, inputs, step, total_steps):
         c = self.config
         f, r = inputs["forget"], inputs["retain"]
-        nll_f, _, _ = token_nll(model, f)
-        lf = nll_f.mean()
-        nll_r, _, _ = token_nll(model, r)
-        lr = nll_r.mean()
+        lf, lr = mean_nll(model, f), mean_nll(model, r)
         a = c.alpha_at(step, total_steps)
         loss = -lf + c.lam * lr
         parts = {"forget_nll": lf.item(), "retain": lr.item(), "alpha": a}
