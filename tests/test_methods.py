@@ -237,7 +237,7 @@ def test_saf_quantised_term_has_straight_through_gradients(models, sets):
     assert w.grad is not None and w.grad.abs().sum() > 0
     # and differs from the full-precision term's gradient alone
     model2 = copy.deepcopy(models["target"])
-    l2, _ = lm.make_method("saf", {"alpha": 0.0, "lam": 0.0})  .loss(model2, inputs, 0, 10)
+    l2, _ = lm.make_method("saf", {"alpha": 0.0, "lam": 0.0}).loss(model2, inputs, 0, 10)
     l2.backward()
     assert not torch.allclose(w.grad, model2.model.layers[0].mlp.up_proj.weight.grad)
 
@@ -259,7 +259,7 @@ def test_bad_configuration_is_refused_before_any_work(models, sets):
         lm.unlearn(m, sets[0], sets[1], "gradient-ascent")
     with pytest.raises(ValueError, match="retain: method 'npo' needs a retain set"):
         lm.unlearn(m, sets[0], None, "npo")
-    lm.make_method("npo", {"alpha": 0.0}).needs_retain() is False
+    assert lm.make_method("npo", {"alpha": 0.0}).needs_retain() is False
     with pytest.raises(ValueError, match=r"layers: pattern 'model.decoder.\*' matches no trainable parameter"):
         lm.unlearn(m, sets[0], sets[1], "graddiff", layers="model.decoder.*")
     with pytest.raises(ValueError, match="has no output embedding"):

@@ -7,13 +7,14 @@ state a method caches: SHRED's targets, NPO's reference log-likelihoods, the ret
 top-K). A step's input is {"forget": batch, "retain": batch or None}."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import ClassVar, Optional
 
 import torch
 
 __all__ = ["Method", "register", "get", "available", "Encoded", "answer_rows", "mean_nll", "sequence_nll", "token_nll",
-           "reference_topk", "topk_kl_rows", "frozen_sequence_nll", "check_weight", "check_number", "RetainTerm",
+           "frozen", "reference_topk", "topk_kl_rows", "frozen_sequence_nll", "check_weight", "check_number", "RetainTerm",
            "RetainWeights", "WithRetain"]
 
 _REGISTRY: dict[str, type] = {}
@@ -178,30 +179,36 @@ def sequence_nll(model, batch: dict, backend: Optional[str] = None):
     return total, count
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def frozen(model):
+    """The model in eval mode under no_grad for a reference pass, its mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was)
+
+
 def reference_topk(model, data: Encoded, k: int, batch_size: int = 64, backend: Optional[str] = None):
     """The frozen model's top-K over the full vocabulary at each labelled position, per example:
     a list of (ids [n_i, K] int64, probs [n_i, K] fp32, renormalised over the K) on the CPU, for
     the KL to the original model (teacher_topk: no [N, V] tensor)."""
     from lethe.ops import teacher_topk
 
-    dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
     out = []
-    try:
+    with frozen(model) as dev:
         for batch in data.batches(batch_size, dev):
             h, w, b, lab, seq, B = answer_rows(model, batch)
             ids, lp, _ = teacher_topk(h, w, lab, min(k, w.shape[0]), bias=b, backend=backend)
             q = torch.softmax(lp, dim=-1)  # the top-K's probabilities, renormalised
             counts = torch.bincount(seq, minlength=B).tolist()
             out += [(i.cpu(), p.cpu()) for i, p in zip(ids.split(counts), q.split(counts))]
-    finally:
-        model.train(was)
     return out
 
 
-def topk_kl_rows(model, batch: dict, targets: list, backend: Optional[str] = None):
+def topk_kl_rows(model, batch: dict, targets: list, normalize: str = "full", backend: Optional[str] = None):
     """Mean over the labelled positions of KL(q || softmax(student logits)), q the cached top-K
     targets of the batch's examples (targets[index] = (ids, probs)), fused with the LM head."""
     from lethe.ops import fused_linear_topk_kl
@@ -213,23 +220,13 @@ def topk_kl_rows(model, batch: dict, targets: list, backend: Optional[str] = Non
     if ids.shape[0] != h.shape[0]:
         raise ValueError("the cached targets do not match the batch's labelled positions: the batch's examples "
                          "are not the ones the method was prepared on (index, labels)")
-    return fused_linear_topk_kl(h, w, ids, probs, bias=b, backend=backend)
+    return fused_linear_topk_kl(h, w, ids, probs, bias=b, normalize=normalize, backend=backend)
 
 
 def frozen_sequence_nll(model, data: Encoded, batch_size: int = 64, backend: Optional[str] = None) -> torch.Tensor:
     """-log p(answer | prompt) of every example of `data` under `model` as it is now [len(data)]."""
-    dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for batch in data.batches(batch_size, dev):
-                out.append(sequence_nll(model, batch, backend)[0].cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out)
-
+    with frozen(model) as dev:
+        return torch.cat([sequence_nll(model, batch, backend)[0].cpu() for batch in data.batches(batch_size, dev)])
 
 
 class RetainTerm:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
-from lethe.methods.base import Method, answer_rows, register
+from lethe.methods.base import Method, frozen, register, topk_kl_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +27,6 @@ class ShredConfig:
     def __post_init__(self):
         self.loss_module()  # the module checks every field
 
-
     def loss_module(self):
         from lethe.nn.shred import ShredLoss
 
@@ -43,42 +40,23 @@ class Shred(Method):
     Config = ShredConfig
     benchmark = {"lr": 5e-4, "steps": 42, "batch_fraction": 0.29}
 
-    @torch.no_grad()
     def prepare(self, model, forget, retain):
         """The teacher's targets of every forget example, kept per example (ids, probs) over its
         answer positions."""
         from lethe.integrations import hf
 
         loss_fn = self.config.loss_module()
-        dev = next(model.parameters()).device
-        was = model.training
-        model.eval()
         targets, demoted = [], 0
-        try:
+        with frozen(model) as dev:
             for batch in forget.batches(64, dev):
                 hidden, w, b = hf.last_hidden_and_head(model, batch["input_ids"], batch["attention_mask"])
                 labels = hf.shifted_labels(batch["input_ids"], batch["attention_mask"], batch["labels"])
                 t = loss_fn.targets(hidden[:, :-1], w, labels, b)
                 demoted += int(t.forget.sum())
-                for r in range(labels.shape[0]):
-                    v = t.valid[r]
-                    targets.append((t.ids[r][v].cpu(), t.probs[r][v].cpu()))
-        finally:
-            model.train(was)
+                targets += [(t.ids[r][t.valid[r]].cpu(), t.probs[r][t.valid[r]].cpu()) for r in range(labels.shape[0])]
         self._state["targets"] = targets
         self._state["forget_positions"] = demoted
 
     def loss(self, model, inputs, step, total_steps):
-        from lethe.ops import fused_linear_topk_kl
-
-        f = inputs["forget"]
-        h, w, b, lab, seq, B = answer_rows(model, f)
-        rows = f["index"].tolist()
-        targets = self._state["targets"]
-        ids = torch.cat([targets[i][0] for i in rows]).to(h.device)
-        probs = torch.cat([targets[i][1] for i in rows]).to(h.device)
-        if ids.shape[0] != h.shape[0]:
-            raise ValueError("shred: the cached teacher targets do not match the batch's answer positions (the "
-                             "batch's examples are not the ones the method was prepared on)")
-        kl = fused_linear_topk_kl(h, w, ids, probs, bias=b, normalize=self.config.normalize)
+        kl = topk_kl_rows(model, inputs["forget"], self._state["targets"], self.config.normalize)
         return kl, {"kl": kl.item()}
