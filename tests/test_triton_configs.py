@@ -6,9 +6,9 @@ import torch
 
 import backends as B
 from lethe.ops.quant_reference import nf4_tables
-from lethe.triton_kernels import quant, shred_kl, shred_teacher, token_stats
+from lethe.triton_kernels import gu, quant, shred_kl, shred_teacher, token_stats
 
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64", torch.int64: "i64",
          torch.int32: "i32", torch.uint8: "u8"}
 
 
@@ -100,5 +100,34 @@ def test_kernels_run_where_they_can():
     # without a GPU the kernels can only run interpreted, which must be on before they are defined
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernels = {c["kernel"] for m in (quant, shred_kl, shred_teacher, token_stats) for c in m.aot_configs()}
+    kernels = {c["kernel"] for m in (gu, quant, shred_kl, shred_teacher, token_stats) for c in m.aot_configs()}
     assert B.GPU or (B.INTERPRETED and all(isinstance(k, InterpretedFunction) for k in kernels))
+
+
+def test_every_gu_launch_is_a_compiled_configuration(launches):
+    """The gu launchers over basis dtypes, row counts (bucketed), data dtypes, gram, metric, dots."""
+    dev = B.TRITON.device
+    g = torch.Generator().manual_seed(0)
+    for bdt in (torch.float32, torch.float64):
+        for k in (0, 1, 2, 3, 5, 8, 16):
+            shapes = [(7, 3), (11,)]
+            basis = [torch.randn((k, *s), generator=g).to(bdt).to(dev) for s in shapes]
+            for xdt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                x = [torch.randn(s, generator=g).to(xdt).to(dev) for s in shapes]
+                v = [torch.rand(s, generator=g).to(xdt).to(dev) for s in shapes]
+                for gram in (False, True):
+                    for metric in (None, v):
+                        gu.subspace_dots(basis, x, metric, 1e-8, [0, 1], 2, gram)
+                gu.subspace_dots(basis, None, None, 0.0, [0, 0], 1, True)
+                coeff = torch.randn(2, k, generator=g, dtype=torch.float64).to(dev)
+                scale = torch.ones(2, dtype=torch.float64, device=dev)
+                for dots in (False, True):
+                    out = [torch.zeros(s, dtype=xdt, device=dev) for s in shapes]
+                    gu.subspace_axpy(out, x, basis, coeff, scale, [0, 1], dots)
+                    gu.subspace_axpy(out, None, basis, coeff, scale, [0, 1], dots)
+            gu.subspace_transform(basis, torch.randn(2, k, k, generator=g, dtype=torch.float64).to(dev), [0, 1])
+    configs = list(gu.aot_configs())
+    kernels = {name for name, _, _ in launches}
+    assert kernels == {c["kernel"].__name__ for c in configs}, "a kernel is never launched, or not compiled"
+    for launch in launches:
+        assert any(_matches(launch, c) for c in configs), (launch[0], launch[2])
