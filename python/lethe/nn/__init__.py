@@ -1,5 +1,6 @@
 """Modules built on lethe's ops."""
 from lethe.nn.quant import FakeQuantLinear, quantized_weights
+from lethe.nn.retain_subspace import RetainSubspace
 from lethe.nn.shred import ShredLoss, ShredTargets
 
-__all__ = ["FakeQuantLinear", "quantized_weights", "ShredLoss", "ShredTargets"]
+__all__ = ["FakeQuantLinear", "quantized_weights", "ShredLoss", "ShredTargets", "RetainSubspace"]
