@@ -43,7 +43,7 @@ from typing import Optional, Union
 
 import torch
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from lethe.methods.base import Encoded, Method
@@ -158,6 +158,19 @@ class ForgetRetainCollator:
         return out
 
 
+class _MethodStepHooks(TrainerCallback):
+    """Calls the method's before_step / after_step around each optimiser step."""
+
+    def __init__(self, trainer: "UnlearnTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._method_hook("before", state)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._method_hook("after", state)
+
+
 def _overrides_prepare(method: Method) -> bool:
     return type(method).prepare is not Method.prepare
 
@@ -207,7 +220,7 @@ class UnlearnTrainer(Trainer):
             if self.forget is None:
                 raise ValueError("forget: give the forget set (or a train_dataset of {'forget', 'retain'} items)")
             if needs_retain and self.retain is None:
-                raise ValueError(f"retain: method {self.method.name!r} needs a retain set (its config: "
+                raise ValueError(f"retain: method {self.method.label!r} needs a retain set (its config: "
                                  f"{self.method.config})")
             if args.max_steps is None or args.max_steps <= 0:
                 raise ValueError("args.max_steps: give the number of steps (> 0); the built-in dataset holds one "
@@ -233,14 +246,16 @@ class UnlearnTrainer(Trainer):
         self.decay_all = bool(decay_all)
         self._lethe_prepared = False
         self._lethe_parts: dict = {}
+        self._lethe_inputs = None  # the last training batch, for the method's step hooks
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator, **kwargs)
+        self.add_callback(_MethodStepHooks(self))
 
     # ---- the method's state: prepare once, or restore it from the checkpoint ----
 
     def prepare_method(self) -> None:
         """Runs method.prepare on the model as it is now (train() does it once, before training)."""
         if self.forget is None and _overrides_prepare(self.method):
-            raise ValueError(f"forget: method {self.method.name!r} computes per-example state on the forget set before "
+            raise ValueError(f"forget: method {self.method.label!r} computes per-example state on the forget set before "
                              "training (prepare); give forget= (the examples the dataset's 'index' refers to)")
         self.method.prepare(self.model, self.forget, self.retain)
         self._lethe_prepared = True
@@ -292,7 +307,7 @@ class UnlearnTrainer(Trainer):
                              f'"retain": {{...}} or None}}, got {got}')
         batch = {"forget": inputs["forget"], "retain": inputs.get("retain")}
         if self.method.needs_retain() and batch["retain"] is None:
-            raise ValueError(f"UnlearnTrainer: method {self.method.name!r} needs a retain batch, the batch has none")
+            raise ValueError(f"UnlearnTrainer: method {self.method.label!r} needs a retain batch, the batch has none")
         if not self._lethe_prepared and _overrides_prepare(self.method):
             raise RuntimeError("UnlearnTrainer: the method has not been prepared (call train(), or prepare_method())")
         total = self.state.max_steps or self.args.max_steps
@@ -302,18 +317,34 @@ class UnlearnTrainer(Trainer):
             missing = [s for s in SIDES if batch[s] is not None and "index" not in batch[s]]
             if e.args and e.args[0] == "index" and missing:
                 raise ValueError(f"UnlearnTrainer: the {missing[0]} batch has no 'index', which method "
-                                 f"{self.method.name!r} needs to look up the state it cached per example in prepare: "
+                                 f"{self.method.label!r} needs to look up the state it cached per example in prepare: "
                                  "give each example its position in the forget / retain set passed to the trainer "
                                  "(a LongTensor 'index' per batch; ForgetRetainCollator stacks the items' 'index')"
                                  ) from e
             raise
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.method.name}: the loss is {loss.item()} at step {self.state.global_step}; "
+            raise FloatingPointError(f"{self.method.label}: the loss is {loss.item()} at step {self.state.global_step}; "
                                      "lower the learning rate")
         if model.training:
-            for k, v in parts.items():
-                self._lethe_parts.setdefault(k, []).append(float(v))
+            self._lethe_inputs = batch
+            self._record(parts)
         return (loss, parts) if return_outputs else loss
+
+    def _record(self, parts: dict) -> None:
+        for k, v in parts.items():
+            self._lethe_parts.setdefault(k, []).append(float(v))
+
+    def _method_hook(self, which: str, state) -> None:
+        """method.before_step / after_step around the optimiser step (GU's projections), on the
+        trained parameters and the last batch, at the plain loop's place: after the clipping."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total = state.max_steps or self.args.max_steps
+        if which == "before":
+            parts = self.method.before_step(self.model, params, self.optimizer, self._lethe_inputs,
+                                            state.global_step, total)
+        else:
+            parts = self.method.after_step(self.model, params, self.optimizer, state.global_step, total)
+        self._record(parts)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The method's loss on an eval batch of the same layout (no logits, no labels)."""

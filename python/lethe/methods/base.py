@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-__all__ = ["Method", "register", "get", "available", "Encoded", "answer_rows", "mean_nll", "sequence_nll", "token_nll",
+__all__ = ["Method", "register", "get", "split_name", "available", "Encoded", "answer_rows", "mean_nll", "sequence_nll", "token_nll",
            "frozen", "reference_topk", "topk_kl_rows", "frozen_sequence_nll", "check_weight", "check_number", "RetainTerm",
            "RetainWeights", "WithRetain"]
 
@@ -35,10 +35,28 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
+def split_name(name: str):
+    """("gu", "npo") for a plug-in spelling "npo+gu"; (name, None) otherwise."""
+    if isinstance(name, str) and "+" in name:
+        base, _, plug = name.partition("+")
+        return plug, base
+    return name, None
+
+
 def get(name: str) -> type:
-    """The method class registered as `name`; an unknown name lists the known ones."""
+    """The method class registered as `name` (for "npo+gu", the plug-in's: GU); an unknown name
+    lists the known ones."""
     if isinstance(name, type) and issubclass(name, Method):
         return name
+    plug, base = split_name(name)
+    if base is not None:
+        cls = get(plug)
+        if not getattr(cls, "plugin", False):
+            raise ValueError(f"method {name!r}: {plug!r} is not a plug-in method (the plug-ins: "
+                             f"{[n for n, c in _REGISTRY.items() if getattr(c, 'plugin', False)]})")
+        if getattr(get(base), "plugin", False):
+            raise ValueError(f"method {name!r}: {base!r} must be a gradient method, not a plug-in")
+        return cls
     if name not in _REGISTRY:
         raise ValueError(f"method must be one of {available()}, got {name!r}")
     return _REGISTRY[name]
@@ -87,8 +105,25 @@ class Method:
         self.config = config
         self._state: dict = {}
 
+    # a plug-in wraps another method ("npo+gu"); its config names the base
+    plugin: ClassVar[bool] = False
+
+    @property
+    def label(self) -> str:
+        """The method's name in reports and logs ("npo+gu" for GU on NPO)."""
+        return self.name
+
     def needs_retain(self) -> bool:
         return self.uses_retain
+
+    def before_step(self, model, params: list, optimizer, inputs: dict, step: int, total_steps: int) -> dict:
+        """Called after backward and gradient clipping, before optimizer.step: may change the
+        gradients of `params` (the trained parameters). Returns parts for the log (default: none)."""
+        return {}
+
+    def after_step(self, model, params: list, optimizer, step: int, total_steps: int) -> dict:
+        """Called after optimizer.step: may change the parameters. Returns parts for the log."""
+        return {}
 
     def prepare(self, model, forget: "Encoded", retain: Optional["Encoded"]) -> None:
         """One-time work on the original model (default: none)."""
@@ -286,8 +321,11 @@ class WithRetain(Method):
         """gamma * forget_loss + alpha * L_retain, the retain term's value added to parts."""
         c = self.config
         loss = c.gamma * forget_loss
+        self.last_split = None
         if c.alpha > 0:
             retain = self._retain()(self, model, inputs["retain"])
+            # the two terms, for a plug-in that needs the retain term's own gradient (GU)
+            self.last_split = (loss, retain, c.alpha)
             loss = loss + c.alpha * retain
             parts["retain"] = retain.item()
         return loss, parts

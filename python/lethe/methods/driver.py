@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from lethe.methods.base import Encoded, Method, get
+from lethe.methods.base import Encoded, Method, get, split_name
 
 __all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "encode", "make_method", "step_batches",
            "build_optimizer", "select_parameters", "write_log", "CHECKPOINT"]
@@ -71,7 +71,7 @@ class UnlearnConfig:
     def for_method(cls, method, **overrides) -> "UnlearnConfig":
         """The built-in benchmark's settings for `method` (a name, class or instance): these
         defaults with the method's `benchmark` overrides, then `overrides`."""
-        m = method if isinstance(method, Method) else get(method)
+        m = method if isinstance(method, Method) else make_method(method)
         if "batch_size" in overrides:  # a given batch size wins over the method's fraction
             overrides.setdefault("batch_fraction", None)
         return cls(**{**m.benchmark, **overrides})
@@ -94,6 +94,14 @@ def make_method(method, config=None) -> Method:
             raise ValueError("config: give it with a method name, not with a Method instance")
         return method
     cls = get(method)
+    _, base = split_name(method)
+    if base is not None:  # "npo+gu": the plug-in with that base
+        if config is None:
+            config = {}
+        if isinstance(config, dict):
+            config = {"base": base, **config}
+        elif getattr(config, "base", base) != base:
+            raise ValueError(f"config: its base {config.base!r} is not the {base!r} of {method!r}")
     if isinstance(config, dict):
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         bad = sorted(set(config) - fields)
@@ -219,7 +227,7 @@ def unlearn(model, forget, retain=None, method: Union[str, Method] = "npo", conf
     r = None
     if m.needs_retain():
         if retain is None:
-            raise ValueError(f"retain: method {m.name!r} needs a retain set (its config: {m.config})")
+            raise ValueError(f"retain: method {m.label!r} needs a retain set (its config: {m.config})")
         r = encode(retain, tokenizer, "retain")
     train = train.resolved(len(f))
     params = select_parameters(model, layers)
@@ -227,7 +235,7 @@ def unlearn(model, forget, retain=None, method: Union[str, Method] = "npo", conf
     entries: list = []
     start = 0
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    meta = {"method": m.name, "config": dataclasses.asdict(m.config), "train": dataclasses.asdict(train),
+    meta = {"method": m.label, "config": dataclasses.asdict(m.config), "train": dataclasses.asdict(train),
             "forget": len(f), "retain": None if r is None else len(r), "layers": layers}
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False, map_location="cpu")
@@ -287,20 +295,23 @@ def _loop(model, m, f, r, train, params, opt, sched, entries, start, ckpt, check
     device = params[0].device
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(total=train.steps, initial=start, desc=f"unlearning ({m.name})", disable=not progress, leave=False,
+    bar = tqdm(total=train.steps, initial=start, desc=f"unlearning ({m.label})", disable=not progress, leave=False,
                dynamic_ncols=True)
     done_here = 0
     for step in range(start, train.steps):
         inputs = step_batches(f, r, train, step, device)
         loss, parts = m.loss(model, inputs, step, train.steps)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{m.name}: the loss is {loss.item()} at step {step}; lower the learning rate")
+            raise FloatingPointError(f"{m.label}: the loss is {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if train.clip:
             torch.nn.utils.clip_grad_norm_(params, train.clip)
-        entry = {"step": step + 1, "loss": loss.item(), **parts, "lr": sched.get_last_lr()[0]}
+        lr = sched.get_last_lr()[0]
+        parts = {**parts, **m.before_step(model, params, opt, inputs, step, train.steps)}
         opt.step()
+        parts.update(m.after_step(model, params, opt, step, train.steps))
+        entry = {"step": step + 1, "loss": loss.item(), **parts, "lr": lr}
         sched.step()
         entries.append(entry)
         if log is not None:
@@ -320,6 +331,6 @@ def _loop(model, m, f, r, train, params, opt, sched, entries, start, ckpt, check
 
 def write_log(path, result: UnlearnResult, extra: Optional[dict] = None) -> None:
     """The run log as JSON: the method, its config, the steps' entries and the time."""
-    d = {"method": result.method.name, "config": dataclasses.asdict(result.method.config),
+    d = {"method": result.method.label, "config": dataclasses.asdict(result.method.config),
          "seconds": result.seconds, "steps": result.log, **(extra or {})}
     Path(path).write_text(json.dumps(d, indent=1))
