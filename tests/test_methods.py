@@ -57,8 +57,14 @@ def default_run(models, sets):
 
 
 def test_registry_lists_every_method_and_refuses_unknown_names():
-    assert lm.available() == ["ga", "graddiff", "npo", "simnpo", "shred", "saf"]
+    assert lm.available() == ["ga", "graddiff", "npo", "simnpo", "shred", "saf", "gu"]
     assert lm.get("npo") is lm.NPO and lm.get("npo").Config().beta == 0.1
+    assert lm.get("npo+gu") is lm.GU and lm.make_method("graddiff+gu").config.base == "graddiff"
+    assert lm.make_method("npo+gu").label == "npo+gu" and lm.make_method("gu").label == "npo+gu"
+    with pytest.raises(ValueError, match=r"method 'npo\+saf': 'saf' is not a plug-in method \(the plug-ins: \['gu'\]\)"):
+        lm.get("npo+saf")
+    with pytest.raises(ValueError, match="method must be one of"):
+        lm.get("nope+gu")
     with pytest.raises(ValueError, match=r"method must be one of \['ga', 'graddiff'.*got 'nope'"):
         lm.get("nope")
     with pytest.raises(ValueError, match="already registered"):
@@ -82,6 +88,77 @@ def test_default_run_forgets_and_keeps_utility(name, default_run, method_eval, t
         assert got["model_utility"] >= 0.8 * t["model_utility"]
 
 
+@pytest.mark.parametrize("base", ["npo", "graddiff"])
+def test_gu_keeps_utility_closer_to_the_target_than_its_base(base, default_run, method_eval, target_metrics, sets):
+    """GU's projection (the default: the realised update, last two blocks + norm + head) on NPO and
+    GradDiff at the base's own optimiser settings: utility closer to the target model's, forget
+    quality no worse (the figures are in benchmarks/RESULTS.md)."""
+    t = target_metrics
+    out = {}
+    for name in (base, f"{base}+gu"):
+        model, res = default_run(name)
+        out[name] = method_eval.metrics(model)
+        g = out[name]
+        print(f"{name}: forget prob {g['forget']['prob']:.3f}, exact {g['forget']['exact']:.3f}; utility "
+              f"{g['model_utility']:.3f} (target {t['model_utility']:.3f}); forget quality {g['forget_quality']:.3g}; "
+              f"{res.seconds:.1f} s")
+    plain, gu = out[base], out[f"{base}+gu"]
+    assert abs(gu["model_utility"] - t["model_utility"]) < abs(plain["model_utility"] - t["model_utility"])
+    assert gu["forget_quality"] >= plain["forget_quality"]
+    assert gu["forget"]["prob"] <= 0.5 * t["forget"]["prob"]
+
+
+@pytest.mark.parametrize("mode", ["update", "adam", "gradient"])
+def test_gu_removes_the_first_order_retain_change(mode, models, sets):
+    """Per step, the retain loss's first-order change g_r^T D (g_r the step's retain gradient, in the
+    basis) relative to the unprojected step's: <= 1e-4 for the realised update (exact for AdamW);
+    reported for the gradient projections, which AdamW's own preconditioning and momentum bend."""
+    from lethe.methods.driver import build_optimizer
+
+    model = copy.deepcopy(models["target"])
+    method = lm.make_method("npo+gu", {"mode": mode})
+    cfg = UnlearnConfig.for_method(method).resolved(len(sets[0]))
+    method.prepare(model, sets[0], sets[1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = build_optimizer(params, cfg)
+    ratios = []
+    tensors = method._ensure(model, params)
+    for step in range(6):
+        inputs = step_batches(sets[0], sets[1], cfg, step)
+        loss, _ = method.loss(model, inputs, step, cfg.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        start = [p.detach().clone() for p in tensors]
+        g_r, _ = method.retain_gradient(model, tensors, inputs["retain"])
+        # the unprojected step first (the same gradients and optimiser state), then undone
+        grads = {p: p.grad.clone() for p in params if p.grad is not None}
+        state = copy.deepcopy(opt.state_dict())
+        every = [p.detach().clone() for p in params]
+        opt.step()
+        unprojected = [p.detach() - s for p, s in zip(tensors, start)]
+        with torch.no_grad():
+            for p, s in zip(params, every):
+                p.copy_(s)
+        opt.load_state_dict(state)
+        for p in params:
+            p.grad = grads.get(p)
+        method.before_step(model, params, opt, inputs, step, cfg.steps)
+        opt.step()
+        method.after_step(model, params, opt, step, cfg.steps)
+        delta = [p.detach() - s for p, s in zip(tensors, start)]
+        sched.step()
+        if step == 0:  # the warm-up's first step has lr 0
+            continue
+        num = abs(sum(float((g.double() * d.double()).sum()) for g, d in zip(g_r, delta)))
+        den = abs(sum(float((g.double() * d.double()).sum()) for g, d in zip(g_r, unprojected)))
+        ratios.append(num / den)
+    print(f"gu mode {mode}: first-order retain change per step relative to the unprojected step's: " +
+          ", ".join(f"{r:.1e}" for r in ratios))
+    if mode == "update":
+        assert max(ratios) <= 1e-4
+
+
 def test_saf_forgets_no_worse_than_graddiff_under_paper_int4(default_run, models, sets, method_eval):
     """At the same optimiser settings (GradDiff's defaults), SAF's extra quantised forget term
     leaves no more forget accuracy under paper-int4 than GradDiff's."""
@@ -101,7 +178,7 @@ def test_saf_forgets_no_worse_than_graddiff_under_paper_int4(default_run, models
     assert out["saf"][1] <= out["graddiff"][1]
 
 
-@pytest.mark.parametrize("name", ["npo", "shred", "saf", "graddiff"])
+@pytest.mark.parametrize("name", ["npo", "shred", "saf", "graddiff", "npo+gu"])
 def test_resume_equals_uninterrupted(name, models, sets, tmp_path):
     kw = dict(steps=6, progress=False)
     retain = sets[1]
@@ -204,7 +281,7 @@ def test_loss_equals_its_full_logits_definition(name, models, sets):
     assert got.item() == pytest.approx(want.item(), rel=2e-4, abs=2e-5), parts
 
 
-@pytest.mark.parametrize("name", ["ga", "graddiff", "npo", "simnpo", "shred", "saf"])
+@pytest.mark.parametrize("name", ["ga", "graddiff", "npo", "simnpo", "shred", "saf", "npo+gu"])
 def test_loss_never_runs_the_lm_head_module(name, models, sets, monkeypatch):
     """Every loss goes through the fused ops on the head's weight: the model's own lm_head
     (which would make [B, T, V] logits) is never called, nor is log_softmax over the vocabulary."""
@@ -223,6 +300,11 @@ def test_loss_never_runs_the_lm_head_module(name, models, sets, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "log_softmax", boom)
     loss, _ = method.loss(model, inputs, 9, 10)
     loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    method.before_step(model, params, opt, inputs, 9, 10)  # GU's retain gradient: the fused ops too
+    opt.step()
+    method.after_step(model, params, opt, 9, 10)
 
 
 def test_saf_quantised_term_has_straight_through_gradients(models, sets):
@@ -274,6 +356,35 @@ def test_bad_configuration_is_refused_before_any_work(models, sets):
         UnlearnConfig(lr=0)
     with pytest.raises(ValueError, match="tokenizer: needed"):
         lm.unlearn(m, [{"question": "q", "answer": "a"}], None, "shred")
+    with pytest.raises(ValueError, match="GUConfig: mode must be one of"):
+        lm.make_method("npo+gu", {"mode": "metric"})
+    with pytest.raises(ValueError, match="GUConfig: joint=True adds the retain gradient"):
+        lm.make_method("npo+gu", {"joint": True})
+    with pytest.raises(ValueError, match="GUConfig: base must be a gradient method's name, got 'gu'"):
+        lm.make_method("gu", {"base": "gu"})
+    with pytest.raises(ValueError, match=r"GUConfig: rank must be an int in \[1, 16\)"):
+        lm.make_method("npo+gu", {"rank": 17})
+    with pytest.raises(ValueError, match=r"retain: method 'npo\+gu' needs a retain set"):
+        lm.unlearn(m, sets[0], None, "npo+gu")
+    with pytest.raises(ValueError, match=r"GUConfig.layers: \('nothing.\*',\) match no parameter"):
+        lm.unlearn(m, sets[0], sets[1], "npo+gu", {"layers": ("nothing.*",)}, steps=1, progress=False)
+
+
+def test_gu_joint_step_and_its_default_layers(models, sets):
+    """GU trains its layers only (the last two blocks, the final norm, the LM head); the joint
+    step adds beta * g_r to the projected gradient."""
+    m = copy.deepcopy(models["target"])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    res = lm.unlearn(m, sets[0], sets[1], "graddiff+gu", {"mode": "gradient", "joint": True, "beta": 0.5,
+                                                          "scope": "group", "orthogonalize": "cholqr2"},
+                     steps=3, progress=False)
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    n_layers = len(m.model.layers)
+    allowed = tuple(f"model.layers.{i}." for i in (n_layers - 2, n_layers - 1)) + ("model.norm.", "lm_head.")
+    assert changed and all(n.startswith(allowed) for n in changed), changed
+    assert any(n.startswith("model.layers") for n in changed) and any(n.startswith("lm_head") for n in changed)
+    assert [e["gu_rank"] for e in res.log] == [1.0, 2.0, 3.0]
+    assert all(0 < e["gu_kept"] <= 1 for e in res.log) and "retain" in res.log[0]
 
 
 def _write_jsonl(path, exs):
@@ -362,6 +473,19 @@ def test_demo_runs_evaluates_and_resumes(bench, tmp_path, monkeypatch):
              progress=False, retain_size=60, echo=lines.append)
     assert any("npo: done before, kept" in x for x in lines)
     assert any("shred: unlearning" in x for x in lines)
+
+
+def test_cli_unlearn_with_gu(jsonl, tmp_path):
+    out = tmp_path / "npo_gu"
+    r = _cli("unlearn", "--method", "npo+gu", "--model", jsonl["model"], "--forget", jsonl["forget"], "--retain",
+             jsonl["retain"], "--out", str(out), "--steps", "2", "--no-progress", "--set", "rank=4")
+    assert r.returncode == 0, r.stderr
+    log = json.loads((out / "run.json").read_text())
+    assert log["method"] == "npo+gu" and log["config"]["rank"] == 4 and log["config"]["base"] == "npo"
+    assert {"gu_rank", "gu_kept", "npo"} <= set(log["steps"][-1])
+    r = _cli("unlearn", "--method", "saf+gu", "--model", jsonl["model"], "--forget", jsonl["forget"], "--retain",
+             jsonl["retain"], "--out", str(tmp_path / "o"), "--set", "mode=sideways")
+    assert r.returncode == 2 and "GUConfig: mode must be one of" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_cli_demo_help():

@@ -88,7 +88,7 @@ def test_training_arguments_match_the_config(tmp_path):
     assert not a.fp16 and not a.bf16 and a.save_steps == 7
 
 
-@pytest.mark.parametrize("method,weight_decay", [("npo", 0.0), ("shred", 0.0), ("ga", 0.1)])
+@pytest.mark.parametrize("method,weight_decay", [("npo", 0.0), ("shred", 0.0), ("ga", 0.1), ("npo+gu", 0.0)])
 def test_trainer_equals_the_plain_loop(data, tmp_path, method, weight_decay):
     steps = 4 if method == "ga" else 10
     cfg = lm.UnlearnConfig(steps=steps, lr=1e-3, batch_size=16, seed=1, weight_decay=weight_decay)
@@ -109,6 +109,8 @@ def test_trainer_equals_the_plain_loop(data, tmp_path, method, weight_decay):
     logged = [h for h in tr.state.log_history if "loss" in h]
     part = "kl" if method == "shred" else "npo"
     assert [h["step"] for h in logged] == [5, 10]
+    if method == "npo+gu":  # the step hooks ran at the plain loop's places (GU's projection logged too)
+        assert logged[-1]["gu_kept"] == pytest.approx(sum(e["gu_kept"] for e in res.log[5:]) / 5, rel=1e-5)
     want = sum(e[part] for e in res.log[5:]) / 5
     assert logged[-1][part] == pytest.approx(want, rel=1e-5)
 

@@ -50,12 +50,12 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, what was built, and which backend each op uses")
     d = sub.add_parser("demo", help="every unlearning method on the built-in benchmark, evaluated: a leaderboard",
                        description="Builds (or loads from the cache) the built-in fictitious-facts benchmark, runs "
-                                   "every registered method with its defaults on the forget10 split, evaluates each "
+                                   "every registered method with its defaults (and GU on NPO and on GradDiff) on the forget10 split, evaluates each "
                                    "(every metric, the quantisation and relearning attacks), prints a leaderboard and "
                                    "writes demo.json and plots to --out. Interrupted, a rerun continues with the "
                                    "methods not yet done.")
     d.add_argument("--out", default="lethe-demo", help="directory for the reports and plots (default lethe-demo)")
-    d.add_argument("--methods", default=None, help="comma-separated methods to run (default: all registered)")
+    d.add_argument("--methods", default=None, help="comma-separated methods to run, e.g. npo,npo+gu (default: all registered, and npo+gu, graddiff+gu)")
     d.add_argument("--cache", default=None, help="cache directory of the benchmark (default LETHE_CACHE or ~/.cache/lethe)")
     d.add_argument("--seed", type=int, default=0, help="seed of the benchmark (default 0)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -93,6 +93,15 @@ def _write_json(path: Path, d) -> None:
     _write(path, json.dumps(d, indent=1).encode())
 
 
+def default_methods() -> list:
+    """Every registered gradient method, then each plug-in on NPO and on GradDiff (npo+gu, graddiff+gu)."""
+    import lethe.methods as lm
+
+    names = lm.available()
+    plugins = [n for n in names if lm.get(n).plugin]
+    return [n for n in names if n not in plugins] + [f"{b}+{p}" for p in plugins for b in ("npo", "graddiff")]
+
+
 def run_demo(out="lethe-demo", methods=None, split: str = "forget10", cache=None, seed: int = 0,
              progress: bool = True, bench_config=None, retain_size: int = 200, echo=print) -> dict:
     """Runs the demo; returns {"rows": [...], "table": str, "paths": [...]}. bench_config: a
@@ -104,7 +113,7 @@ def run_demo(out="lethe-demo", methods=None, split: str = "forget10", cache=None
     from lethe.eval.evaluator import Evaluator, builtin_data
     from transformers import AutoModelForCausalLM
 
-    names = lm.available() if methods is None else list(methods)
+    names = default_methods() if methods is None else list(methods)
     for n in names:
         lm.get(n)  # an unknown name lists the known ones, before any work
     out = Path(out)

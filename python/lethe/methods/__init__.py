@@ -1,7 +1,7 @@
 """Unlearning methods on lethe's fused ops, by name.
 
     import lethe.methods as lm
-    lm.available()                       # ['ga', 'graddiff', 'npo', 'simnpo', 'shred', 'saf']
+    lm.available()                       # ['ga', 'graddiff', 'npo', 'simnpo', 'shred', 'saf', 'gu']
     result = lm.unlearn(model, forget, retain, method="npo", tokenizer=tok, steps=40)
 
 Each method is a small class with a config dataclass holding its paper's defaults
@@ -15,7 +15,8 @@ from lethe.methods.npo import NPO, NPOConfig
 from lethe.methods.simnpo import SimNPO, SimNPOConfig
 from lethe.methods.shred import Shred, ShredConfig
 from lethe.methods.saf import SAF, SAFConfig
+from lethe.methods.gu import GU, GUConfig
 
 __all__ = ["Method", "Encoded", "available", "get", "register", "unlearn", "UnlearnConfig", "UnlearnResult",
            "encode", "make_method", "write_log", "GA", "GAConfig", "GradDiff", "GradDiffConfig", "NPO", "NPOConfig",
-           "SimNPO", "SimNPOConfig", "Shred", "ShredConfig", "SAF", "SAFConfig"]
+           "SimNPO", "SimNPOConfig", "Shred", "ShredConfig", "SAF", "SAFConfig", "GU", "GUConfig"]

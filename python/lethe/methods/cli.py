@@ -20,9 +20,10 @@ def add_parser(sub) -> None:
         "unlearn", help="unlearn a forget set from a model with one method",
         description="Unlearns --forget from --model with --method and writes the unlearned model (a Hugging Face "
                     "model directory with its tokenizer) and run.json (the settings and every step's losses) to --out. "
-                    f"Methods: {', '.join(available())}. The optimiser defaults are the built-in benchmark's tiny "
+                    f"Methods: {', '.join(available())}; a plug-in on a gradient method as BASE+PLUGIN (npo+gu, "
+                    "graddiff+gu). The optimiser defaults are the built-in benchmark's tiny "
                     "model's: a real model wants its own --lr and --steps.")
-    u.add_argument("--method", required=True, help=f"the method ({', '.join(available())})")
+    u.add_argument("--method", required=True, help=f"the method ({', '.join(available())}, or BASE+gu)")
     u.add_argument("--model", required=True, help="a Hugging Face causal LM directory (with its tokenizer)")
     u.add_argument("--forget", required=True, help="JSONL file of the forget set ({\"question\",\"answer\"} lines)")
     u.add_argument("--retain", default=None, help="JSONL file of the retain set (for the methods that use one)")
@@ -92,7 +93,7 @@ def _run(a) -> int:
     except ValueError as e:
         raise UsageError(f"--method: {e}") from None
     try:
-        method = cls(**method_overrides(cls, a.set))
+        method = lm.make_method(a.method, method_overrides(cls, a.set))
         given = {k: getattr(a, k) for k in ("steps", "lr", "batch_size", "warmup", "clip", "seed")
                  if getattr(a, k) is not None}
         train = UnlearnConfig.for_method(method, **given)
@@ -101,7 +102,7 @@ def _run(a) -> int:
     if a.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {a.checkpoint_every}")
     if method.needs_retain() and a.retain is None:
-        raise UsageError(f"--retain: method {cls.name!r} needs a retain set (its settings: {method.config})")
+        raise UsageError(f"--retain: method {method.label!r} needs a retain set (its settings: {method.config})")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {a.out!r} exists and is not a directory")
@@ -140,7 +141,7 @@ def _run(a) -> int:
                                          "forget": a.forget, "retain": a.retain, "layers": a.layers})
     (out / lm.driver.CHECKPOINT).unlink(missing_ok=True)
     last = res.log[-1] if res.log else {}
-    print(f"unlearnt with {cls.name} in {res.seconds:.1f} s ({len(res.log)} steps); last step: "
+    print(f"unlearnt with {method.label} in {res.seconds:.1f} s ({len(res.log)} steps); last step: "
           + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}))
     print(f"saved to {out}/")
     return 0
