@@ -370,6 +370,21 @@ def test_bad_configuration_is_refused_before_any_work(models, sets):
         lm.unlearn(m, sets[0], sets[1], "npo+gu", {"layers": ("nothing.*",)}, steps=1, progress=False)
 
 
+@pytest.mark.parametrize("base, extra", [("ga", {}), ("graddiff", {"retain_loss": "kl"}), ("npo", {"mode": "adam"}),
+                                         ("simnpo", {"scope": "group"}), ("saf", {"when_full": "freeze", "rank": 2}),
+                                         ("shred", {"orthogonalize": "cholqr2"})])
+def test_gu_wraps_every_gradient_method(base, extra, models, sets):
+    """GU on each base: the base's loss, the subspace growing, the update projected (gu_kept < 1)."""
+    m = copy.deepcopy(models["target"])
+    res = lm.unlearn(m, sets[0], sets[1], f"{base}+gu", extra, steps=4, progress=False)
+    method = res.method
+    assert method.label == f"{base}+gu" and method.inner.name == base
+    ranks = [e["gu_rank"] for e in res.log]
+    assert ranks == ([1.0, 2.0, 2.0, 2.0] if extra.get("rank") == 2 else [1.0, 2.0, 3.0, 4.0])
+    assert all(0 < e["gu_kept"] < 1 for e in res.log[1:])
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
 def test_gu_joint_step_and_its_default_layers(models, sets):
     """GU trains its layers only (the last two blocks, the final norm, the LM head); the joint
     step adds beta * g_r to the projected gradient."""
