@@ -307,6 +307,48 @@ def test_transform_identity_and_permutation(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# the Triton tiles at small sizes
+
+# Several blocks per tensor (none a multiple of BLOCK), several steps per block, KB = 1, 4, 8, 16,
+# fp32 and fp64 bases, an empty tensor, K_t = 0, a scope with no tensors (1) and scopes of several
+# tensors, whose partials rows take several reduce steps and the Gram's width several programs.
+TILES_CASE = ("tiles", [((150,), 3, F32, F32), ((2, 37), 3, F32, BF16), ((0,), 3, F32, F16),
+                        ((67,), 2, F64, F16), ((5, 13), 2, F64, F32), ((40,), 0, F32, F64),
+                        ((70,), 7, F32, F16), ((33,), 7, F64, F64), ((21,), 16, F32, F32), ((9,), 1, F32, BF16)],
+              [0, 0, 0, 2, 2, 3, 4, 4, 5, 6], 7)
+
+
+def test_triton_tiles_at_small_sizes(monkeypatch):
+    """The multi-block, multi-step and multi-row-reduce paths of the Triton launchers, with their tile
+    constants lowered (all powers of two): BLOCK = 32 elements per program; TILE = 16 gives row-tile
+    steps of 16 / KB elements (8 in fp64), down to 1 at KB = 16; CUBE = 32 gives product-tile steps
+    of 32 / KB^2, down to 1; REDUCE_ROWS = 2, REDUCE_COLS = 4."""
+    from lethe.triton_kernels import gu as tg
+
+    for name, value in (("BLOCK", 32), ("TILE", 16), ("CUBE", 32), ("REDUCE_ROWS", 2), ("REDUCE_COLS", 4)):
+        monkeypatch.setattr(tg, name, value)
+    assert tg._steps(4, F32) == (4, 2) and tg._steps(16, F64) == (1, 1)
+    backend = B.TRITON
+    basis, x, v, scope, S = make(TILES_CASE, seed=21)
+    for metric in (False, True):
+        check_dots(backend, basis, x, v if metric else None, 1e-3, scope, S, False)
+        check_dots(backend, basis, x, v if metric else None, 1e-3, scope, S, True)
+    check_dots(backend, basis, None, None, 0.0, scope, S, True)
+    coeff, scale = _coeffs(basis, scope, S, seed=22)
+    for dots in (False, True):
+        check_axpy(backend, x, None, basis, coeff, scale, scope, dots)  # in place
+        out = [torch.full(t.shape, 7.0, dtype=DATA[(DATA.index(t.dtype) + 1) % 4]) for t in x]
+        check_axpy(backend, out, x, basis, coeff, scale, scope, dots)
+    K = max(b.shape[0] for b in basis)
+    tc = torch.randn(S, K, K, generator=_gen(23), dtype=F64)
+    new = run_transform(backend, basis, tc, scope)
+    for t, (b, y, w) in enumerate(zip(basis, new, ref.subspace_transform_reference(basis, tc, scope))):
+        kt, s = b.shape[0], scope[t]
+        tol = (tc[s, :kt, :kt].abs() @ ref._rows(b).abs()).reshape(b.shape) * (EPS_ACC[b.dtype] / 4) * (kt + 1)
+        assert torch.all((y.double() - w.double()).abs() <= tol + 1e-300), t
+
+
+# ---------------------------------------------------------------------------------------------
 # determinism, the public functions, opcheck, meta tensors
 
 DET_CASE = CASES[-2]  # "big": many blocks per tensor, mixed dtypes

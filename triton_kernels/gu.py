@@ -23,7 +23,9 @@ order, then blocks in order) and _reduce_kernel sums each scope's rows in fp64 i
 the results do not depend on timing. The Gram's upper triangle is computed (i <= j) and mirrored
 on the host, so it is exactly symmetric. Transform: each program reads all K_t rows of a tile of
 elements before it writes the new ones (in place; programs own disjoint elements). Kernels are
-launched with enable_fp_fusion=False (no product contracted into an FMA).
+launched with enable_fp_fusion=False, but Triton may lower transform's row combination (a sum of
+products over a tile) to tt.dot, which runs as FMAs on a GPU: its results are fp32 within the
+tests' tolerance, not bit for bit those of the CPU kernel.
 
 Conversions are those of torch and the CPU kernel, bit for bit, on a GPU and under the interpreter
 alike: bf16 is widened from its bits and rounded to nearest even by integer arithmetic
