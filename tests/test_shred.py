@@ -539,4 +539,4 @@ def test_info_and_demo_help_read_well():
     assert "['" not in out and "kernels cpu/cuda/triton" in out
     help_ = subprocess.run([sys.executable, "-m", "lethe.cli", "demo", "--help"], capture_output=True, text=True).stdout
     help_ = " ".join(help_.split())  # (argparse wraps at the terminal's width)
-    assert "every registered method with its defaults on the forget10 split" in help_ and "--methods" in help_
+    assert "every registered method with its defaults (and GU on NPO and on GradDiff) on the forget10 split" in help_ and "--methods" in help_

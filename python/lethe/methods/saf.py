@@ -62,7 +62,7 @@ class _Forward(nn.Module):
 class SAF(Method):
     name = "saf"
     Config = SAFConfig
-    benchmark = {"lr": 4.5e-4, "steps": 42, "batch_fraction": 0.145}
+    benchmark = {"lr": 5e-4, "steps": 42, "batch_fraction": 0.145}
     uses_retain = True
 
     def _quantised(self, model):
