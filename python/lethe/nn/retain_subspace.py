@@ -263,11 +263,7 @@ class RetainSubspace:
             kt[a] = b.shape[0]
         g = self._dots(q, x, sid, n, gram=True)  # [n, k+1, k+1]: rows q_0..q_{k-1}, x
         gg = g[:, k, k].clone()
-        for a in range(n):  # absent rows: identity, so that they stay out of the factorisation
-            for i in range(kt[a], k):
-                g[a, i, :] = 0
-                g[a, :, i] = 0
-                g[a, i, i] = 1
+        _identity_past(g, kt, upto=k)  # absent rows: identity, so that they stay out of the factorisation
         r, info = torch.linalg.cholesky_ex(g, upper=True)
         ok = info == 0
         diag = torch.where(ok, r[:, k, k], torch.zeros_like(gg))
@@ -291,12 +287,7 @@ class RetainSubspace:
         ks = [rw.shape[0] for rw in rows]
         m = max(ks)
         g2 = self._dots(rows, None, [sid[i] for i in keep], n, gram=True)[:, :m, :m].clone()
-        for a in range(n):  # rejected scopes and absent rows: identity
-            lo_a = kt[a] + 1 if accept[a] else 0
-            for i in range(lo_a, m):
-                g2[a, i, :] = 0
-                g2[a, :, i] = 0
-                g2[a, i, i] = 1
+        _identity_past(g2, [kt[a] + 1 if accept[a] else 0 for a in range(n)])  # rejected scopes, absent rows
         r2, info2 = torch.linalg.cholesky_ex(g2, upper=True)
         eye2 = torch.eye(m, dtype=torch.float64, device=g2.device).expand_as(g2)
         t2 = torch.linalg.solve_triangular(torch.where((info2 == 0)[:, None, None], r2, eye2), eye2,
@@ -327,11 +318,7 @@ class RetainSubspace:
             g = self._dots(q, grads, self.scope, self.num_scopes, exp_avg_sq=v, eps=eps, gram=True)
             before2 = g[:, k, k].clone()
             m, b = g[:, :k, :k].clone(), g[:, :k, k].clone()
-            for s in range(self.num_scopes):
-                for i in range(self.count[s], k):
-                    m[s, i, :] = 0
-                    m[s, :, i] = 0
-                    m[s, i, i] = 1
+            _identity_past(m, self.count)
             c = _spd_solve(m, b)
             self._axpy(grads, q, c.contiguous(), self.scope)
             after2 = (before2 - (b * c).sum(-1)).clamp_min(0)
@@ -354,6 +341,18 @@ class RetainSubspace:
         before2 = d[:, k]
         after2 = (before2 - (c * c).sum(-1)).clamp_min(0)
         return before2.clamp_min(0).sqrt().cpu(), after2.sqrt().cpu()
+
+
+def _identity_past(g: torch.Tensor, rows: list, upto: Optional[int] = None) -> None:
+    """In place: batch entry a of the [n, m, m] matrices g gets identity rows and columns from
+    rows[a] up to `upto` (default m), so that absent basis rows stay out of its factorisation."""
+    end = g.shape[-1] if upto is None else upto
+    for a, r in enumerate(rows):
+        if r < end:
+            g[a, r:end, :] = 0
+            g[a, :, r:end] = 0
+            idx = torch.arange(r, end, device=g.device)
+            g[a, idx, idx] = 1
 
 
 def _spd_solve(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
