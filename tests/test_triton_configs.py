@@ -6,7 +6,7 @@ import torch
 
 import backends as B
 from lethe.ops.quant_reference import nf4_tables
-from lethe.triton_kernels import gu, quant, shred_kl, shred_teacher, token_stats
+from lethe.triton_kernels import gu, quant, shred_kl, shred_teacher, ssd, token_stats
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64", torch.int64: "i64",
          torch.int32: "i32", torch.uint8: "u8"}
@@ -100,7 +100,7 @@ def test_kernels_run_where_they_can():
     # without a GPU the kernels can only run interpreted, which must be on before they are defined
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernels = {c["kernel"] for m in (gu, quant, shred_kl, shred_teacher, token_stats) for c in m.aot_configs()}
+    kernels = {c["kernel"] for m in (gu, quant, shred_kl, shred_teacher, ssd, token_stats) for c in m.aot_configs()}
     assert B.GPU or (B.INTERPRETED and all(isinstance(k, InterpretedFunction) for k in kernels))
 
 
@@ -127,6 +127,27 @@ def test_every_gu_launch_is_a_compiled_configuration(launches):
                     gu.subspace_axpy(out, None, basis, coeff, scale, [0, 1], dots)
             gu.subspace_transform(basis, torch.randn(2, k, k, generator=g, dtype=torch.float64).to(dev), [0, 1])
     configs = list(gu.aot_configs())
+    kernels = {name for name, _, _ in launches}
+    assert kernels == {c["kernel"].__name__ for c in configs}, "a kernel is never launched, or not compiled"
+    for launch in launches:
+        assert any(_matches(launch, c) for c in configs), (launch[0], launch[2])
+
+
+def test_every_ssd_launch_is_a_compiled_configuration(launches):
+    """The ssd launchers over accumulator, gradient and parameter dtypes and every exponent kind."""
+    dev = B.TRITON.device
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (11,)]
+    for acc in (torch.float32, torch.bfloat16):
+        for gdt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            imp = [torch.rand(s, generator=g).to(acc).to(dev) for s in shapes]
+            ssd.fisher_accumulate(imp, [torch.randn(s, generator=g).to(gdt).to(dev) for s in shapes], 1.0, 3)
+        for pdt in (torch.float32, torch.float16, torch.bfloat16):
+            for e in (0.0, 1.0, 2.0, 3.0, -1.0, 0.5):
+                p = [torch.randn(s, generator=g).to(pdt).to(dev) for s in shapes]
+                d = [torch.rand(s, generator=g).to(acc).to(dev) for s in shapes]
+                ssd.ssd_dampen(p, d, [x * 20 for x in d], 10.0, 1.0, e, 1.0)
+    configs = list(ssd.aot_configs())
     kernels = {name for name, _, _ in launches}
     assert kernels == {c["kernel"].__name__ for c in configs}, "a kernel is never launched, or not compiled"
     for launch in launches:
