@@ -57,7 +57,7 @@ def default_run(models, sets):
 
 
 def test_registry_lists_every_method_and_refuses_unknown_names():
-    assert lm.available() == ["ga", "graddiff", "npo", "simnpo", "shred", "saf", "gu"]
+    assert lm.available() == ["ga", "graddiff", "npo", "simnpo", "shred", "saf", "gu", "ssd"]
     assert lm.get("npo") is lm.NPO and lm.get("npo").Config().beta == 0.1
     assert lm.get("npo+gu") is lm.GU and lm.make_method("graddiff+gu").config.base == "graddiff"
     assert lm.make_method("npo+gu").label == "npo+gu" and lm.make_method("gu").label == "npo+gu"
@@ -468,10 +468,13 @@ def test_demo_runs_evaluates_and_resumes(bench, tmp_path, monkeypatch):
 
     lines = []
     out = tmp_path / "demo"
-    res = run_demo(out, methods=["npo", "shred"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
+    res = run_demo(out, methods=["npo", "shred", "ssd"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
                    progress=False, retain_size=60, echo=lines.append)
     names = [r["name"] for r in res["rows"]]
-    assert names == ["target", "retain", "npo", "shred"]
+    assert names == ["target", "retain", "npo", "shred", "ssd"]
+    ssd = res["rows"][4]  # the one-shot method: its benchmark point, no optimiser settings
+    assert ssd["config"]["alpha"] == lm.SSD.benchmark_config["alpha"] and ssd["train"] is None
+    assert ssd["log"][-1]["selected"] > 0
     table = res["table"]
     print(table)
     for col in ("forget prob", "forget quality", "utility", "MIA AUC", "exact @int4", "exact relearnt"):
@@ -484,7 +487,7 @@ def test_demo_runs_evaluates_and_resumes(bench, tmp_path, monkeypatch):
     # an interrupted demo continues: finished methods are kept, not run again
     (out / "reports" / "shred.json").unlink()
     lines.clear()
-    run_demo(out, methods=["npo", "shred"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
+    run_demo(out, methods=["npo", "shred", "ssd"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
              progress=False, retain_size=60, echo=lines.append)
     assert any("npo: done before, kept" in x for x in lines)
     assert any("shred: unlearning" in x for x in lines)
@@ -508,3 +511,16 @@ def test_cli_demo_help():
     assert r.returncode == 0 and "--out" in r.stdout and "--methods" in r.stdout
     r = _cli("demo", "--methods", "nope", "--out", "/tmp/lethe-demo-never")
     assert r.returncode == 2 and "method must be one of" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_unlearn_with_ssd(jsonl, tmp_path):
+    out = tmp_path / "ssd"
+    r = _cli("unlearn", "--method", "ssd", "--model", jsonl["model"], "--forget", jsonl["forget"], "--retain",
+             jsonl["retain"], "--out", str(out), "--no-progress", "--set", "alpha=2", "--set", "modules=Linear")
+    assert r.returncode == 0, r.stderr
+    log = json.loads((out / "run.json").read_text())
+    assert log["method"] == "ssd" and log["config"]["alpha"] == 2 and log["config"]["modules"] == ["Linear"]
+    assert log["steps"][-1]["selected"] > 0 and "training" not in r.stdout
+    bad = _cli("unlearn", "--method", "ssd", "--model", jsonl["model"], "--forget", jsonl["forget"], "--retain",
+               jsonl["retain"], "--out", str(tmp_path / "bad"), "--set", "modules=Conv9d")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "no module of the model is a 'Conv9d'" in bad.stderr

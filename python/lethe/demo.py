@@ -94,7 +94,8 @@ def _write_json(path: Path, d) -> None:
 
 
 def default_methods() -> list:
-    """Every registered gradient method, then each plug-in on NPO and on GradDiff (npo+gu, graddiff+gu)."""
+    """Every registered method (the gradient methods, then SSD), then each plug-in on NPO and on GradDiff
+    (npo+gu, graddiff+gu)."""
     import lethe.methods as lm
 
     names = lm.available()
@@ -148,7 +149,7 @@ def run_demo(out="lethe-demo", methods=None, split: str = "forget10", cache=None
         else:
             model = load(bench.target)
             echo(f"  [{i + 1}/{len(todo)}] {name}: unlearning ...")
-            m = lm.make_method(name)
+            m = lm.benchmark_method(name)
             res = lm.unlearn(model, forget, retain if m.needs_retain() else None, m,
                              checkpoint_dir=out / "runs" / name, checkpoint_every=10, resume=True, progress=progress)
             seconds, steps = res.seconds, res.log
@@ -157,8 +158,9 @@ def run_demo(out="lethe-demo", methods=None, split: str = "forget10", cache=None
                                                                             if method else ", quantisation)"))
         report = ev.evaluate(model, name=name, attacks=attacks)
         row = {"name": name, "method": method, "seconds": seconds,
-               "config": dataclasses.asdict(lm.make_method(method).config) if method else None,
-               "train": dataclasses.asdict(lm.UnlearnConfig.for_method(method).resolved(len(forget))) if method else None,
+               "config": dataclasses.asdict(lm.benchmark_method(method).config) if method else None,
+               "train": (dataclasses.asdict(lm.UnlearnConfig.for_method(method).resolved(len(forget)))
+                         if method and not lm.get(method).one_shot else None),  # (SSD trains nothing)
                "results": report.to_json()["results"], "eval_seconds": time.perf_counter() - t - (seconds or 0),
                "log": steps}
         _write_json(path, row)

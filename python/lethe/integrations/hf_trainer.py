@@ -212,6 +212,9 @@ class UnlearnTrainer(Trainer):
 
         hf.check_causal_lm(model)
         self.method = make_method(method, method_config)
+        if getattr(self.method, "one_shot", False):
+            raise ValueError(f"method: {self.method.label!r} is a one-shot method (no training, no optimiser): run it "
+                             "with lethe.methods.unlearn or `lethe unlearn`, not a Trainer")
         tok = kwargs.get("processing_class")
         self.forget = None if forget is None else encode(forget, tok, "forget")
         needs_retain = self.method.needs_retain()

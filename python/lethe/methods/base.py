@@ -93,6 +93,11 @@ class Method:
     # the optimiser settings of this method on the built-in benchmark, over UnlearnConfig's
     # defaults (lethe's tuning on its tiny model, not the paper's: see UnlearnConfig)
     benchmark: ClassVar[dict] = {}
+    # the method's own settings on the built-in benchmark, over its Config's (paper) defaults, where
+    # these do not carry over to its tiny model (lethe.methods.benchmark_method); {}: the defaults
+    benchmark_config: ClassVar[dict] = {}
+    # no training: the driver runs prepare_one_shot, work(model, unit) per unit, then finish (SSD)
+    one_shot: ClassVar[bool] = False
 
     def __init__(self, config=None, **overrides):
         if config is None:

@@ -18,7 +18,7 @@ import torch
 
 from lethe.methods.base import Encoded, Method, get, split_name
 
-__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "encode", "make_method", "step_batches",
+__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "encode", "make_method", "benchmark_method", "step_batches",
            "build_optimizer", "select_parameters", "write_log", "CHECKPOINT"]
 
 CHECKPOINT = "lethe_unlearn_state.pt"
@@ -109,6 +109,13 @@ def make_method(method, config=None) -> Method:
             raise ValueError(f"config: {cls.name} has no setting {bad[0]!r}; its settings are {sorted(fields)}")
         return cls(**config)
     return cls(config)
+
+
+def benchmark_method(name) -> Method:
+    """The method `name` with its settings on the built-in benchmark (its class's benchmark_config
+    over the paper defaults; `lethe demo` runs these)."""
+    cls = get(name)
+    return make_method(name, dict(cls.benchmark_config) if cls.benchmark_config else None)
 
 
 def encode(data, tokenizer=None, what: str = "forget") -> Encoded:
@@ -229,12 +236,14 @@ def unlearn(model, forget, retain=None, method: Union[str, Method] = "npo", conf
         if retain is None:
             raise ValueError(f"retain: method {m.label!r} needs a retain set (its config: {m.config})")
         r = encode(retain, tokenizer, "retain")
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    if getattr(m, "one_shot", False):
+        return _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, layers, stop_after)
     train = train.resolved(len(f))
     params = select_parameters(model, layers)
     opt, sched = build_optimizer(params, train)
     entries: list = []
     start = 0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     meta = {"method": m.label, "config": dataclasses.asdict(m.config), "train": dataclasses.asdict(train),
             "forget": len(f), "retain": None if r is None else len(r), "layers": layers}
     if resume and ckpt.exists():
@@ -265,6 +274,67 @@ def unlearn(model, forget, retain=None, method: Union[str, Method] = "npo", conf
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, layers, stop_after) -> UnlearnResult:
+    """A method without training (m.one_shot: SSD): m.work(model, unit) for each of its work units
+    (a batch of a pass over the data, on the original model), then m.finish(model), which changes
+    the model. A checkpoint every `checkpoint_every` units holds the method's state (its
+    accumulators) and the log; the last one, after finish, also the model, so that a resumed run
+    never repeats the change."""
+    from tqdm.auto import tqdm
+
+    meta = {"method": m.label, "config": dataclasses.asdict(m.config), "forget": len(f),
+            "retain": None if r is None else len(r), "layers": layers}
+    entries: list = []
+    start, done = 0, False
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
+        if state["meta"] != meta:
+            raise ValueError(f"resume: the checkpoint {str(ckpt)!r} is of another run ({state['meta']}), not of "
+                             f"this one ({meta})")
+        m.load_state_dict(state["method"])
+        entries, start, done = state["log"], state["step"], state["done"]
+        if done:
+            model.load_state_dict(state["model"])
+        m.resume_one_shot(model, f, r, layers)
+    else:
+        m.prepare_one_shot(model, f, r, layers)
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(step, finished):
+        m.checkpoint_state()
+        _save(ckpt, {"meta": meta, "step": step, "done": finished, "method": m.state_dict(), "log": entries,
+                     **({"model": model.state_dict()} if finished else {})})
+
+    t0 = time.perf_counter()
+    total = m.units(f, r)
+    bar = tqdm(total=total, initial=start, desc=f"{m.label}: importances", disable=not progress or done, leave=False,
+               dynamic_ncols=True)
+    done_here = 0
+    for unit in range(start, total if not done else start):
+        entry = {"step": unit + 1, **m.work(model, unit)}
+        entries.append(entry)
+        if log is not None:
+            log(entry)
+        bar.update(1)
+        done_here += 1
+        if ckpt is not None and checkpoint_every and (unit + 1) % checkpoint_every == 0 and unit + 1 < total:
+            checkpoint(unit + 1, False)
+        if stop_after is not None and done_here >= stop_after and unit + 1 < total:
+            bar.close()
+            return UnlearnResult(model, m, entries, time.perf_counter() - t0, False)
+    bar.close()
+    if not done:
+        entry = {"step": total + 1, **m.finish(model)}
+        entries.append(entry)
+        if log is not None:
+            log(entry)
+        if ckpt is not None and checkpoint_every:
+            checkpoint(total, True)
+    model.eval()
+    return UnlearnResult(model, m, entries, time.perf_counter() - t0, True)
 
 
 def select_parameters(model, layers=None) -> list:
