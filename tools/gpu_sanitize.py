@@ -6,7 +6,8 @@ against the CPU kernel too. Exits 1 on a wrong result (the sanitizer's own findi
   1. teacher_topk's exact top-K fix-up: K close to V, chunk tails, NaN rows, many ties;
   2. the fused loss's cuBLAS chunk accumulation (grad_weight over chunks, beta 0 then 1) on a
      non-default stream, fp32 and bf16, with a low-precision weight converted block by block;
-  3. select_forget_positions at T = 4096 and 5000, and fake_quantize's vector and scalar paths."""
+  3. select_forget_positions at T = 4096 and 5000, and fake_quantize's vector and scalar paths;
+  4. the ssd ops' table and block partition: mixed dtypes, empty tensors, tensors crossing blocks."""
 import sys
 
 import torch
@@ -88,7 +89,30 @@ def select_and_quant():
                        torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]))
 
 
+def ssd():
+    g = torch.Generator().manual_seed(4)
+    shapes = [(0,), (16385,), (3, 5), (40000,)]
+    dts = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    p = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, dts)]
+    d = [torch.rand(s, generator=g) for s in shapes]
+    f = [(torch.rand(s, generator=g) * 20).to(torch.bfloat16 if i % 2 else torch.float32) for i, s in enumerate(shapes)]
+    for e in (1.0, 0.7):
+        cpu = [x.clone() for x in p]
+        gpu = [x.cuda() for x in p]
+        a = ops.ssd_dampen(cpu, d, f, 10.0, 1.0, e, 1.0)
+        b = ops.ssd_dampen(gpu, [x.cuda() for x in d], [x.cuda() for x in f], 10.0, 1.0, e, 1.0)
+        expect(f"ssd_dampen exponent {e}", all(torch.equal(x, y.cpu()) for x, y in zip(cpu, gpu))
+               and torch.equal(a[0], b[0].cpu()) and close(a[1], b[1], 1e-9))
+    for acc in (torch.float32, torch.bfloat16):
+        cpu = [torch.rand(s, generator=g).to(acc) for s in shapes]
+        gpu = [x.cuda() for x in cpu]
+        ops.fisher_accumulate(cpu, p, 0.5, 2**33 + 1)
+        ops.fisher_accumulate(gpu, [x.cuda() for x in p], 0.5, 2**33 + 1)
+        expect(f"fisher_accumulate {acc}", all(torch.equal(x, y.cpu()) for x, y in zip(cpu, gpu)))
+
+
 if __name__ == "__main__":
+    ssd()
     teacher()
     fused()
     select_and_quant()

@@ -68,16 +68,51 @@ LETHE_CLONES void fisher_f32(float* out, const float* imp, const float* g, int64
   for (int64_t e = 0; e < n; ++e) out[e] = ssd::fisher_value(imp[e], g[e], s);
 }
 
-LETHE_CLONES void store_bf16_stochastic(uint16_t* dst, const float* v, int64_t n, uint32_t key, int64_t e0) {
-  for (int64_t e = 0; e < n; ++e) {
+LETHE_INLINE U8v hash32(U8v x) {  // ssd::hash32, 8 lanes
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// imp (bf16 bits) <- bf16_stochastic(imp + (g * g) * s) over n elements from element e0 of the
+// tensor: 8 lanes at a time (the hash of ssd::random_bits in uint32 vectors), then the tail.
+LETHE_CLONES void fisher_bf16(uint16_t* imp, const float* g, int64_t n, float s, uint32_t key, int64_t e0) {
+  int64_t e = 0;
+  const U8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (; e + 8 <= n; e += 8) {
+    H8v h;
+    std::memcpy(&h, imp + e, sizeof(h));
+    F8v vg;
+    std::memcpy(&vg, g + e, sizeof(vg));
+    const F8v v = bf16_to_float(h) + (vg * vg) * s;
+    const uint64_t i0 = static_cast<uint64_t>(e0 + e);
+    // the 8 indices share their upper 32 bits unless the block crosses 2^32: then lane by lane
+    U8v r;
+    if ((i0 >> 32) == ((i0 + 7) >> 32)) {
+      const uint32_t hi = ssd::hash32(static_cast<uint32_t>(i0 >> 32) ^ key);
+      r = hash32((U8v{} + static_cast<uint32_t>(i0)) + lane ^ hi);
+    } else {
+      for (int l = 0; l < 8; ++l) r[l] = ssd::random_bits(key, static_cast<int64_t>(i0) + l);
+    }
+    const U8v u = bits<U8v>(v);
+    U8v out = (u + (r & 0xffffu)) >> 16;
+    out = (u & 0x7fffffffu) > 0x7f800000u ? U8v{} + 0x7fc0u : out;
+    const H8v o16 = __builtin_convertvector(out, H8v);
+    std::memcpy(imp + e, &o16, sizeof(o16));
+  }
+  for (; e < n; ++e) {
+    float v = bf16_to_float(H8v{} + imp[e])[0] + (g[e] * g[e]) * s;
     uint32_t u;
-    std::memcpy(&u, v + e, sizeof(u));
-    dst[e] = ssd::bf16_stochastic(u, ssd::random_bits(key, e0 + e));
+    std::memcpy(&u, &v, sizeof(u));
+    imp[e] = ssd::bf16_stochastic(u, ssd::random_bits(key, e0 + e));
   }
 }
 
 void fisher_block(const Item& it, int64_t blk, float s) {
-  float ibuf[kChunk], gbuf[kChunk], vbuf[kChunk];
+  float gbuf[kChunk];
   const int64_t first = (blk - it.block0) * ssd::kBlock, last = std::min(it.n, first + ssd::kBlock);
   for (int64_t o = first; o < last; o += kChunk) {
     const int64_t n = std::min(kChunk, last - o);
@@ -86,9 +121,7 @@ void fisher_block(const Item& it, int64_t blk, float s) {
       float* imp = static_cast<float*>(it.a) + o;
       fisher_f32(imp, imp, g, n, s);
     } else {  // bf16
-      const float* imp = load_data<float>(it.a, it.adt, o, n, ibuf);
-      fisher_f32(vbuf, imp, g, n, s);
-      store_bf16_stochastic(static_cast<uint16_t*>(it.a) + o, vbuf, n, it.key, o);
+      fisher_bf16(static_cast<uint16_t*>(it.a) + o, g, n, s, it.key, o);
     }
   }
 }
