@@ -3,11 +3,11 @@ torch.linalg.qr in fp64: orthonormality at condition numbers up to 1e7, the proj
 invariants (Euclidean, the Adam metric, the realised update), dropped directions, FIFO / freeze,
 state_dict, bad input, and two gloo processes holding shards equal to one process."""
 import os
-import socket
 
 import pytest
 import torch
 
+import gloo
 from lethe import RetainSubspace
 
 # the kernels that run the subspace's passes here (triton: interpreted on CPU tensors)
@@ -271,12 +271,7 @@ def _run_subspace(shapes, grs, g, v, group=None, shard=None, dtensor_mesh=None):
 
 
 def _worker(rank, world, port, out, use_dtensor):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo.process_group(rank, world, port) as dist:
         gr, g, v = _dist_inputs()
         if use_dtensor:
             from torch.distributed.device_mesh import init_device_mesh
@@ -289,21 +284,13 @@ def _worker(rank, world, port, out, use_dtensor):
                 return (t[:cut] if rank == 0 else t[cut:]).contiguous()
             res = _run_subspace(DIST_SHAPES, gr, g, v, group=dist.group.WORLD, shard=shard)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("use_dtensor", [False, True], ids=["local-shards", "dtensor"])
 def test_two_gloo_processes_with_shards_equal_one_process(tmp_path, use_dtensor):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), use_dtensor), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, gloo.free_port(), str(tmp_path), use_dtensor), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     gr, g, v = _dist_inputs()

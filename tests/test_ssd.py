@@ -6,11 +6,11 @@ opcheck; bad input. Then lethe.nn.FisherDiagonal and SSD end to end: exact to th
 gloo processes, and the sweep on the built-in benchmark (figures in benchmarks/RESULTS.md)."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
 
+import gloo
 import lethe.methods as lm
 import lethe.triton_kernels.ssd as tk
 from lethe.nn import FisherDiagonal
@@ -437,12 +437,7 @@ def _dist_grads(n_batches=6):
 
 
 def _worker(rank, world, port, out, use_dtensor):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo.process_group(rank, world, port) as dist:
         grads = _dist_grads()
         if use_dtensor:  # FSDP2-like: every rank holds shards of the global batch's gradients
             from torch.distributed.device_mesh import init_device_mesh
@@ -458,21 +453,13 @@ def _worker(rank, world, port, out, use_dtensor):
             for gs in grads[rank::world]:
                 fd.accumulate(gs)
         torch.save([t.clone() for t in fd.mean()], os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("use_dtensor", [False, True], ids=["replicas", "dtensor"])
 def test_two_gloo_processes_equal_one_process(tmp_path, use_dtensor):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), use_dtensor), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, gloo.free_port(), str(tmp_path), use_dtensor), nprocs=2, join=True)
     one = FisherDiagonal([torch.zeros(s) for s in SHAPES_DIST])
     for gs in _dist_grads():
         one.accumulate(gs)

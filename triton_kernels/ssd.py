@@ -53,6 +53,15 @@ def _find(tab_ptr, T, steps, pid):
 
 
 @triton.jit
+def _program(tab_ptr, T, steps, BLOCK_: tl.constexpr):
+    """(the table row of this program, its element offsets, their mask, the row's dtype codes)."""
+    pid = tl.program_id(0)
+    row = _find(tab_ptr, T, steps, pid)
+    offs = (pid - tl.load(row + C_P0)).to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_).to(tl.int64)
+    return row, offs, offs < tl.load(row + C_N), tl.load(row + C_CODES)
+
+
+@triton.jit
 def _hash32(x):
     """lowbias32 on uint32 values (lethe/ssd.h's hash32)."""
     x = x ^ (x >> 16)
@@ -64,12 +73,7 @@ def _hash32(x):
 
 @triton.jit(do_not_specialize=["T", "steps"])
 def _fisher_kernel(tab_ptr, T, steps, s, BLOCK_: tl.constexpr):
-    pid = tl.program_id(0)
-    row = _find(tab_ptr, T, steps, pid)
-    n = tl.load(row + C_N)
-    offs = (pid - tl.load(row + C_P0)).to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_).to(tl.int64)
-    mask = offs < n
-    codes = tl.load(row + C_CODES)
+    row, offs, mask, codes = _program(tab_ptr, T, steps, BLOCK_)
     acode = codes & 15
     a_addr = tl.load(row + C_A)
     g = _load(tl.load(row + C_B), (codes >> 4) & 15, offs, mask, tl.float32)
@@ -90,11 +94,7 @@ def _fisher_kernel(tab_ptr, T, steps, s, BLOCK_: tl.constexpr):
 @triton.jit(do_not_specialize=["T", "steps", "kind"])
 def _dampen_kernel(tab_ptr, cnt_ptr, sum_ptr, e_ptr, T, steps, alpha, lambd, bound, kind, BLOCK_: tl.constexpr):
     pid = tl.program_id(0)
-    row = _find(tab_ptr, T, steps, pid)
-    n = tl.load(row + C_N)
-    offs = (pid - tl.load(row + C_P0)).to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_).to(tl.int64)
-    mask = offs < n
-    codes = tl.load(row + C_CODES)
+    row, offs, mask, codes = _program(tab_ptr, T, steps, BLOCK_)
     pcode = codes & 15
     p_addr = tl.load(row + C_A)
     d = _load(tl.load(row + C_B), (codes >> 4) & 15, offs, mask, tl.float32)

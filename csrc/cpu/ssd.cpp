@@ -68,15 +68,6 @@ LETHE_CLONES void fisher_f32(float* out, const float* imp, const float* g, int64
   for (int64_t e = 0; e < n; ++e) out[e] = ssd::fisher_value(imp[e], g[e], s);
 }
 
-LETHE_INLINE U8v hash32(U8v x) {  // ssd::hash32, 8 lanes
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
 // imp (bf16 bits) <- bf16_stochastic(imp + (g * g) * s) over n elements from element e0 of the
 // tensor: 8 lanes at a time (the hash of ssd::random_bits in uint32 vectors), then the tail.
 LETHE_CLONES void fisher_bf16(uint16_t* imp, const float* g, int64_t n, float s, uint32_t key, int64_t e0) {
@@ -92,8 +83,8 @@ LETHE_CLONES void fisher_bf16(uint16_t* imp, const float* g, int64_t n, float s,
     // the 8 indices share their upper 32 bits unless the block crosses 2^32: then lane by lane
     U8v r;
     if ((i0 >> 32) == ((i0 + 7) >> 32)) {
-      const uint32_t hi = ssd::hash32(static_cast<uint32_t>(i0 >> 32) ^ key);
-      r = hash32((U8v{} + static_cast<uint32_t>(i0)) + lane ^ hi);
+      const uint32_t hi = ssd::hash32<uint32_t>(static_cast<uint32_t>(i0 >> 32) ^ key);
+      r = ssd::hash32<U8v>(((U8v{} + static_cast<uint32_t>(i0)) + lane) ^ hi);
     } else {
       for (int l = 0; l < 8; ++l) r[l] = ssd::random_bits(key, static_cast<int64_t>(i0) + l);
     }

@@ -50,6 +50,16 @@ inline std::ostream& operator<<(std::ostream& os, Num n) {
   return os << n.v;
 }
 
+// Whether two tensors' bytes overlap (as overlap of checks.py: same storage, intersecting ranges).
+inline bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      a.storage().data() != b.storage().data())
+    return false;
+  const char* a0 = static_cast<const char*>(a.data_ptr());
+  const char* b0 = static_cast<const char*>(b.data_ptr());
+  return a0 < b0 + b.numel() * b.element_size() && b0 < a0 + a.numel() * a.element_size();
+}
+
 inline bool is_float(const at::Tensor& t) {
   const auto s = t.scalar_type();
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;

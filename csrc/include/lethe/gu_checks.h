@@ -92,16 +92,6 @@ inline void check_coeff(const at::Tensor& t, const char* name, at::IntArrayRef s
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// Whether two tensors' bytes overlap (as _overlap of gu.py: same storage, intersecting ranges).
-inline bool overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
-      a.storage().data() != b.storage().data())
-    return false;
-  const char* a0 = static_cast<const char*>(a.data_ptr());
-  const char* b0 = static_cast<const char*>(b.data_ptr());
-  return a0 < b0 + b.numel() * b.element_size() && b0 < a0 + a.numel() * a.element_size();
-}
-
 inline int64_t coeff_scopes(const at::Tensor& coeff) { return coeff.dim() >= 1 ? coeff.size(0) : 1; }
 
 }  // namespace gu
@@ -129,9 +119,9 @@ inline void check_subspace_axpy(at::TensorList out, const std::optional<at::Tens
   gu::check_coeff(scale, "scale", {S}, basis[0]);
   gu::check_scope(scope, S, basis);
   for (size_t i = 0; i < basis.size(); ++i) {
-    TORCH_CHECK_VALUE(!gu::overlap(out[i], basis[i]), "out[", i, "] must not overlap basis[", i, "]");
+    TORCH_CHECK_VALUE(!overlap(out[i], basis[i]), "out[", i, "] must not overlap basis[", i, "]");
     if (x.has_value()) {
-      TORCH_CHECK_VALUE(!gu::overlap(out[i], (*x)[i]), "out[", i, "] must not overlap x[", i,
+      TORCH_CHECK_VALUE(!overlap(out[i], (*x)[i]), "out[", i, "] must not overlap x[", i,
                         "] (pass x=None to update out in place)");
     }
   }

@@ -22,8 +22,10 @@ LETHE_HD int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
 // ---- the random bits of stochastic rounding: a counter-based hash of (seed, tensor, element)
 
-// lowbias32 (C. Wellons): a 32-bit integer hash of xor-shifts and multiplications.
-LETHE_HD uint32_t hash32(uint32_t x) {
+// lowbias32 (C. Wellons): a 32-bit integer hash of xor-shifts and multiplications; U is uint32_t,
+// or a vector of them (the CPU kernel's 8 lanes).
+template <typename U>
+LETHE_HD U hash32(U x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;
@@ -34,15 +36,15 @@ LETHE_HD uint32_t hash32(uint32_t x) {
 
 // The key of tensor t of a call with this seed.
 LETHE_HD uint32_t tensor_key(int64_t seed, int64_t t) {
-  uint32_t k = hash32(static_cast<uint32_t>(t) ^ 0x9e3779b9u);
-  k = hash32(static_cast<uint32_t>(static_cast<uint64_t>(seed)) ^ k);
-  return hash32(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32) ^ k);
+  uint32_t k = hash32<uint32_t>(static_cast<uint32_t>(t) ^ 0x9e3779b9u);
+  k = hash32<uint32_t>(static_cast<uint32_t>(static_cast<uint64_t>(seed)) ^ k);
+  return hash32<uint32_t>(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32) ^ k);
 }
 
 // 32 random bits of element e of the tensor with this key.
 LETHE_HD uint32_t random_bits(uint32_t key, int64_t e) {
   const uint64_t u = static_cast<uint64_t>(e);
-  return hash32(static_cast<uint32_t>(u) ^ hash32(static_cast<uint32_t>(u >> 32) ^ key));
+  return hash32<uint32_t>(static_cast<uint32_t>(u) ^ hash32<uint32_t>(static_cast<uint32_t>(u >> 32) ^ key));
 }
 
 // The bf16 bits of fp32 v (given as its bits u) rounded stochastically: u plus the low 16 random

@@ -48,16 +48,6 @@ inline void check_pair(at::TensorList ts, const char* name, at::TensorList first
   }
 }
 
-// Whether two tensors' bytes overlap (as _overlap of ssd.py: same storage, intersecting ranges).
-inline bool overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
-      a.storage().data() != b.storage().data())
-    return false;
-  const char* a0 = static_cast<const char*>(a.data_ptr());
-  const char* b0 = static_cast<const char*>(b.data_ptr());
-  return a0 < b0 + b.numel() * b.element_size() && b0 < a0 + a.numel() * a.element_size();
-}
-
 }  // namespace ssd
 
 inline void check_fisher_accumulate(at::TensorList importance, at::TensorList grad, double scale, int64_t /*seed*/) {
@@ -65,7 +55,7 @@ inline void check_fisher_accumulate(at::TensorList importance, at::TensorList gr
   ssd::check_pair(grad, "grad", importance, "importance", ssd::is_grad, "float32, float16, bfloat16 or float64");
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale >= 0, "scale must be a finite number >= 0, got ", Num{scale});
   for (size_t i = 0; i < importance.size(); ++i) {
-    TORCH_CHECK_VALUE(!ssd::overlap(importance[i], grad[i]), "importance[", i, "] must not overlap grad[", i, "]");
+    TORCH_CHECK_VALUE(!overlap(importance[i], grad[i]), "importance[", i, "] must not overlap grad[", i, "]");
   }
 }
 
@@ -79,7 +69,7 @@ inline void check_ssd_dampen(at::TensorList param, at::TensorList importance, at
   TORCH_CHECK_VALUE(std::isfinite(exponent), "exponent must be a finite number, got ", Num{exponent});
   TORCH_CHECK_VALUE(std::isfinite(bound) && bound >= 0, "bound must be a finite number >= 0, got ", Num{bound});
   for (size_t i = 0; i < param.size(); ++i) {
-    TORCH_CHECK_VALUE(!ssd::overlap(param[i], importance[i]) && !ssd::overlap(param[i], forget_importance[i]),
+    TORCH_CHECK_VALUE(!overlap(param[i], importance[i]) && !overlap(param[i], forget_importance[i]),
                       "param[", i, "] must not overlap importance[", i, "] or forget_importance[", i, "]");
   }
 }

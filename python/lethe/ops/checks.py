@@ -89,3 +89,15 @@ def row_vector(t, name: str, n: int, ref: torch.Tensor, ref_name: str) -> None:
     same_device(t, name, ref, ref_name)
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name} must have shape [N] = [{n}], got {shape(t)}")
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' bytes overlap (same storage, intersecting ranges); never at trace time."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(a) or is_fake(b) or a.device.type == "meta":  # no addresses at trace time
+        return False
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

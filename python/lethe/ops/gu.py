@@ -117,17 +117,6 @@ def _check_coeff(t, name: str, shape: list, ref_t):
         raise ValueError(f"{name} must have shape {shape}, got {C.shape(t)}")
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(a) or is_fake(b) or a.device.type == "meta":  # no addresses at trace time
-        return False
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
-
-
 def check_subspace_dots(basis, x, exp_avg_sq, eps, scope, num_scopes, gram, values=False):
     _check_basis(basis)
     _check_like(x, "x", basis)
@@ -147,9 +136,9 @@ def check_subspace_axpy(out, x, basis, coeff, scale, scope, dots, values=False):
     _check_coeff(scale, "scale", [num_scopes], basis[0])
     _check_scope(scope, num_scopes, basis)
     for i in range(len(basis)):
-        if _overlap(out[i], basis[i]):
+        if C.overlap(out[i], basis[i]):
             raise ValueError(f"out[{i}] must not overlap basis[{i}]")
-        if x is not None and _overlap(out[i], x[i]):
+        if x is not None and C.overlap(out[i], x[i]):
             raise ValueError(f"out[{i}] must not overlap x[{i}] (pass x=None to update out in place)")
 
 

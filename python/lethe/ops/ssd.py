@@ -73,17 +73,6 @@ def _first(ts, name: str, allowed: tuple, words: str):
             raise ValueError(f"{tn} must be contiguous")
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(a) or is_fake(b) or a.device.type == "meta":  # no addresses at trace time
-        return False
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
-
-
 def _finite(x, name: str, cond, words: str) -> float:
     v = C.number(x, name)
     if not (math.isfinite(v) and cond(v)):
@@ -98,7 +87,7 @@ def check_fisher_accumulate(importance, grad, scale, seed, values=False):
     if not isinstance(seed, torch.SymInt):
         C.integer(seed, "seed")
     for i, (a, g) in enumerate(zip(importance, grad)):
-        if _overlap(a, g):
+        if C.overlap(a, g):
             raise ValueError(f"importance[{i}] must not overlap grad[{i}]")
 
 
@@ -111,7 +100,7 @@ def check_ssd_dampen(param, importance, forget_importance, alpha, lambd, exponen
     _finite(exponent, "exponent", lambda v: True, "")
     _finite(bound, "bound", lambda v: v >= 0, ">= 0")
     for i, p in enumerate(param):
-        if _overlap(p, importance[i]) or _overlap(p, forget_importance[i]):
+        if C.overlap(p, importance[i]) or C.overlap(p, forget_importance[i]):
             raise ValueError(f"param[{i}] must not overlap importance[{i}] or forget_importance[{i}]")
 
 
