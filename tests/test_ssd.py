@@ -176,6 +176,16 @@ def test_ssd_dampen_crafted_zeros_ties_and_non_finite_importances(backend):
     assert not torch.isnan(out).any() and int(st.selected[0]) == int(sel.sum()) == int(counts[0])
 
 
+def test_inputs_may_alias_each_other(backend):
+    """I_D and I_f the same tensors (or one tensor twice in a list): only the written list is checked."""
+    p, d, f = _crafted()
+    want = R.ssd_dampen_reference([p.clone(), p.clone()], [d, d], [d, d], 0.5, 1.0, 1.0, 1.0)[0]
+    got = backend.to([p.clone(), p.clone()])
+    dd = backend.to(d)
+    backend.public(ssd_dampen, got, [dd, dd], [dd, dd], alpha=0.5)
+    assert all(_equal_bits(g.cpu(), w) for g, w in zip(got, want))
+
+
 def test_ssd_dampen_empty_tensors_and_a_list_of_empties(backend):
     p = backend.to([torch.zeros(0), torch.zeros(0, 3)])
     st = backend.public(ssd_dampen, p, [torch.zeros(0), torch.zeros(0, 3)], [torch.zeros(0), torch.zeros(0, 3)])
@@ -220,7 +230,14 @@ def _bad_cases():
     shared = f32(3)
     yield "dampen", dict(ok, param=[shared], importance=[shared]), ValueError, \
         r"param\[0\] must not overlap importance\[0\] or forget_importance\[0\]"
+    two = f32(3)
+    yield "dampen", dict(ok, param=[two, two], importance=[f32(3), f32(3)], forget_importance=[f32(3), f32(3)]), \
+        ValueError, r"param\[0\] must not overlap param\[1\]"
+    yield "dampen", dict(ok, param=[two, f32(3)], importance=[f32(3), two], forget_importance=[f32(3), f32(3)]), \
+        ValueError, r"param\[0\] must not overlap importance\[1\]"
     okf = dict(importance=[f32(3)], grad=[f32(3)])
+    yield "fisher", dict(importance=[shared[:2], f32(3)], grad=[f32(2), shared]), ValueError, \
+        r"importance\[0\] must not overlap grad\[1\]"
     yield "fisher", dict(okf, importance=[torch.zeros(3, dtype=torch.float16)]), TypeError, \
         r"importance\[0\] must be float32 or bfloat16, got torch.float16"
     yield "fisher", dict(okf, grad=[torch.zeros(3, dtype=torch.int64)]), TypeError, \

@@ -19,7 +19,7 @@ libdevice call: the same code runs under the interpreter). Stochastic rounding t
 low 16 bits of the same counter-based hash as the CPU kernel (lowbias32 of (seed, tensor,
 element), uint32 arithmetic) and truncates: bit for bit the CPU kernel's. ssd_dampen's programs
 write their count and fp64 factor sum to their own partials entry (no atomics); the entries are
-summed per tensor by a padded [T, max blocks] sum (fixed order). Not CUDA-graph capturable: the
+summed per tensor as differences of one scan (deterministic). Not CUDA-graph capturable: the
 table is copied to the device at each call.
 """
 from __future__ import annotations
@@ -91,8 +91,9 @@ def _fisher_kernel(tab_ptr, T, steps, s, BLOCK_: tl.constexpr):
         tl.store(a_addr.to(tl.pointer_type(tl.uint16)) + offs, out.to(tl.uint16), mask=mask)
 
 
-@triton.jit(do_not_specialize=["T", "steps", "kind"])
-def _dampen_kernel(tab_ptr, cnt_ptr, sum_ptr, e_ptr, T, steps, alpha, lambd, bound, kind, BLOCK_: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "steps", "kind", "e_odd", "e_frac"])
+def _dampen_kernel(tab_ptr, cnt_ptr, sum_ptr, e_ptr, T, steps, alpha, lambd, bound, kind, e_odd, e_frac,
+                   BLOCK_: tl.constexpr):
     pid = tl.program_id(0)
     row, offs, mask, codes = _program(tab_ptr, T, steps, BLOCK_)
     pcode = codes & 15
@@ -110,8 +111,14 @@ def _dampen_kernel(tab_ptr, cnt_ptr, sum_ptr, e_ptr, T, steps, alpha, lambd, bou
         w = w * w * w
     elif kind == 4:
         w = tl.math.div_rn(tl.full([BLOCK_], 1.0, tl.float32), w)
-    elif kind == 5:
-        w = tl.exp2(tl.load(e_ptr) * tl.log2(w.to(tl.float64))).to(tl.float32)
+    elif kind == 5:  # |w|^e, signed as pow: negative for an odd integer e, NaN for a non-integer one
+        a = w.to(tl.float64)
+        r = tl.exp2(tl.load(e_ptr) * tl.log2(tl.abs(a)))
+        if e_odd:  # (the exponent's kind: host flags)
+            r = tl.where(a < 0, -r, r)
+        if e_frac:
+            r = tl.where(a < 0, float("nan"), r)
+        w = r.to(tl.float32)
     w = tl.where(w > bound, bound, w)
     _store(p_addr, pcode, offs, tl.where(sel, p * w, p), mask)
     tl.store(cnt_ptr + pid, tl.sum(sel.to(tl.int32), axis=0).to(tl.int64))
@@ -182,17 +189,17 @@ def ssd_dampen(param, importance, forget_importance, alpha, lambd, exponent, bou
     tot = torch.empty(plan.programs, dtype=torch.float64, device=dev)
     e = torch.tensor([float(exponent)], dtype=torch.float64, device=dev)  # (a float argument would be fp32)
     _dampen_kernel[(plan.programs,)](plan.table, cnt, tot, e, plan.T, plan.steps, f32(alpha), f32(lambd), f32(bound),
-                                     KINDS.get(float(exponent), GENERAL), BLOCK_=plan.block,
+                                     KINDS.get(float(exponent), GENERAL), int(float(exponent) % 2 == 1),
+                                     int(float(exponent) % 1 != 0), BLOCK_=plan.block,
                                      num_warps=NUM_WARPS, enable_fp_fusion=False)
-    # per tensor, its programs' entries summed in program order: a padded [T', max blocks] sum
-    nb = [b - a for a, b in zip(plan.first, plan.first[1:] + [plan.programs])]
-    width = max(nb)
-    pos = torch.cat([torch.arange(n) + i * width for i, n in enumerate(nb)]).to(dev)
+    # per tensor, its programs' entries (contiguous) summed in program order: differences of one
+    # inclusive scan (a scan is deterministic; the fp64 sums lose ~1e-16 of the running total)
+    ends = torch.tensor(plan.first[1:] + [plan.programs], dtype=torch.int64, device=dev)
+    starts = torch.tensor(plan.first, dtype=torch.int64, device=dev)
     idx = torch.tensor(plan.index, dtype=torch.int64, device=dev)
     for part, out in ((cnt, counts), (tot, sums)):
-        pad = torch.zeros(len(nb) * width, dtype=part.dtype, device=dev)
-        pad[pos] = part
-        out[idx] = pad.view(len(nb), width).sum(1)
+        c = torch.cat([part.new_zeros(1), part.cumsum(0)])
+        out[idx] = c[ends] - c[starts]
     return counts, sums
 
 
@@ -203,5 +210,6 @@ def aot_configs():
                constexprs={"BLOCK_": BLOCK})
     yield dict(kernel=_dampen_kernel, num_warps=NUM_WARPS,
                signature={"tab_ptr": "*i64", "cnt_ptr": "*i64", "sum_ptr": "*fp64", "e_ptr": "*fp64", "T": "i32",
-                          "steps": "i32", "alpha": "fp32", "lambd": "fp32", "bound": "fp32", "kind": "i32"},
+                          "steps": "i32", "alpha": "fp32", "lambd": "fp32", "bound": "fp32", "kind": "i32",
+                          "e_odd": "i32", "e_frac": "i32"},
                constexprs={"BLOCK_": BLOCK})

@@ -13,6 +13,10 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
+#include <algorithm>
+#include <initializer_list>
+#include <utility>
 
 // Dispatch over the three accepted float dtypes only (no double instantiations).
 #define LETHE_DISPATCH_FLOATS(TYPE, NAME, ...)                   \
@@ -58,6 +62,42 @@ inline bool overlap(const at::Tensor& a, const at::Tensor& b) {
   const char* a0 = static_cast<const char*>(a.data_ptr());
   const char* b0 = static_cast<const char*>(b.data_ptr());
   return a0 < b0 + b.numel() * b.element_size() && b0 < a0 + a.numel() * a.element_size();
+}
+
+// No tensor of `outs` (written in place) shares a byte with another tensor of outs or of the
+// input lists; inputs may alias each other (checks.py's no_overlap: the same sweep, the same
+// first overlap in address order, the same words).
+inline void check_no_overlap(at::TensorList outs, const char* out_name,
+                             std::initializer_list<std::pair<const char*, at::TensorList>> inputs) {
+  struct Iv {
+    uintptr_t a, b;
+    const char* name;
+    size_t j;
+    bool out;
+  };
+  std::vector<Iv> iv;
+  auto add = [&](const char* name, at::TensorList ts, bool out) {
+    for (size_t j = 0; j < ts.size(); ++j) {
+      if (ts[j].numel() == 0 || !ts[j].has_storage()) continue;
+      const uintptr_t a = reinterpret_cast<uintptr_t>(ts[j].data_ptr());
+      iv.push_back({a, a + static_cast<uintptr_t>(ts[j].numel() * ts[j].element_size()), name, j, out});
+    }
+  };
+  add(out_name, outs, true);
+  for (const auto& in : inputs) add(in.first, in.second, false);
+  std::stable_sort(iv.begin(), iv.end(), [](const Iv& x, const Iv& y) { return x.a < y.a || (x.a == y.a && x.b < y.b); });
+  const Iv* last_all = nullptr;
+  const Iv* last_out = nullptr;
+  for (const Iv& v : iv) {
+    const Iv* hit = v.out ? last_all : last_out;
+    if (hit != nullptr && v.a < hit->b) {
+      const Iv& o = hit->out ? *hit : v;
+      const Iv& other = hit->out ? v : *hit;
+      TORCH_CHECK_VALUE(false, o.name, "[", o.j, "] must not overlap ", other.name, "[", other.j, "]");
+    }
+    if (last_all == nullptr || v.b > last_all->b) last_all = &v;
+    if (v.out && (last_out == nullptr || v.b > last_out->b)) last_out = &v;
+  }
 }
 
 inline bool is_float(const at::Tensor& t) {

@@ -57,6 +57,7 @@ inline void check_fisher_accumulate(at::TensorList importance, at::TensorList gr
   for (size_t i = 0; i < importance.size(); ++i) {
     TORCH_CHECK_VALUE(!overlap(importance[i], grad[i]), "importance[", i, "] must not overlap grad[", i, "]");
   }
+  check_no_overlap(importance, "importance", {{"grad", grad}});
 }
 
 inline void check_ssd_dampen(at::TensorList param, at::TensorList importance, at::TensorList forget_importance,
@@ -72,6 +73,7 @@ inline void check_ssd_dampen(at::TensorList param, at::TensorList importance, at
     TORCH_CHECK_VALUE(!overlap(param[i], importance[i]) && !overlap(param[i], forget_importance[i]),
                       "param[", i, "] must not overlap importance[", i, "] or forget_importance[", i, "]");
   }
+  check_no_overlap(param, "param", {{"importance", importance}, {"forget_importance", forget_importance}});
 }
 
 }  // namespace lethe

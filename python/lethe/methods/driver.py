@@ -281,11 +281,16 @@ def _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, lay
     (a batch of a pass over the data, on the original model), then m.finish(model), which changes
     the model. A checkpoint every `checkpoint_every` units holds the method's state (its
     accumulators) and the log; the last one, after finish, also the model, so that a resumed run
-    never repeats the change."""
+    never repeats the change. Under torch.distributed each rank keeps its own checkpoint
+    (<name>.rank<r>.pt), and a resume must have the same world size."""
+    import torch.distributed as dist
     from tqdm.auto import tqdm
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if ckpt is not None and world > 1:  # each rank's accumulators and units are its own
+        ckpt = ckpt.with_name(f"{ckpt.stem}.rank{rank}{ckpt.suffix}")
     meta = {"method": m.label, "config": dataclasses.asdict(m.config), "forget": len(f),
-            "retain": None if r is None else len(r), "layers": layers}
+            "retain": None if r is None else len(r), "layers": layers, "world": world}
     entries: list = []
     start, done = 0, False
     if resume and ckpt is not None and ckpt.exists():

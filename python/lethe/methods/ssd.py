@@ -14,7 +14,8 @@ LM-head path (lethe.methods.base.mean_nll). The Fisher passes are lethe.nn.Fishe
 The driver runs it as a one-shot method: one work unit per batch (progress, a checkpoint of the
 accumulators every `checkpoint_every` batches, exact resume), then `finish`. Under
 torch.distributed every rank takes every world-th batch and the accumulators are summed over the
-ranks (FSDP2 DTensor shards stay local)."""
+ranks; with FSDP2 (DTensor parameters) every rank takes every batch and keeps its shards'
+accumulators, which are never reduced."""
 from __future__ import annotations
 
 import dataclasses
@@ -132,9 +133,8 @@ class SSD(Method):
         return [("forget", -(-len(forget) // bs)), ("full", -(-(len(retain) + len(forget)) // bs))]
 
     def units(self, forget: Encoded, retain: Encoded) -> int:
-        """This rank's work units: its batches of both passes."""
-        rank, world, _ = self._world()
-        return sum(len(range(rank, n, world)) for _, n in self._passes(forget, retain))
+        """This rank's work units: its batches of both passes (after prepare_one_shot)."""
+        return len(self._plan)
 
     def _setup(self, model, forget, retain, layers):
         c = self.config
@@ -146,6 +146,10 @@ class SSD(Method):
         self._fisher = {k: FisherDiagonal([p for _, p in self._named], dtype=dtype, seed=c.seed * 2 + i,
                                           process_group=group) for i, k in enumerate(("forget", "full"))}
         rank, world, _ = self._world()
+        if any(type(p).__name__ == "DTensor" for _, p in self._named):
+            # FSDP2 shards: every rank takes every batch (the same one), so that the reduce-scattered
+            # shard gradient is that batch's gradient, as the authors' per-batch square wants
+            rank, world = 0, 1
         self._plan = [(k, b) for k, n in self._passes(forget, retain) for b in range(rank, n, world)]
 
     def prepare_one_shot(self, model, forget: Encoded, retain: Encoded, layers=None) -> None:
@@ -170,10 +174,25 @@ class SSD(Method):
         dev = self._named[0][1].device
         batch = data.batch(range(b * bs, min((b + 1) * bs, len(data))), dev)
         params = [p for _, p in self._named]
-        with torch.enable_grad():
-            loss = mean_nll(model, batch)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        self._fisher[which].accumulate(list(grads))
+        chosen = {id(p) for p in params}
+        # the authors' zero_grad, backward, read .grad (FSDP2 leaves the reduce-scattered shard
+        # gradients there); only the chosen parameters need gradients
+        others = [q for q in model.parameters() if q.requires_grad and id(q) not in chosen]
+        for q in others:
+            q.requires_grad_(False)
+        saved = [p.grad for p in params]
+        try:
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                loss = mean_nll(model, batch)
+                loss.backward()
+            self._fisher[which].accumulate([p.grad for p in params])
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            for q in others:
+                q.requires_grad_(True)
         return {"loss": loss.item(), "pass": which}
 
     def checkpoint_state(self) -> None:

@@ -12,9 +12,10 @@ accumulators round stochastically (random bits from a hash of the seed, the batc
 element: reproducible, unbiased; tests/test_ssd.py bounds the bias).
 
 Under torch.distributed: with `process_group`, `mean()` sums the accumulators and the batch counts
-over the group (replicas that saw different batches: plain DDP replicas or unwrapped models; with
-DDP's own gradient averaging the result is the same). FSDP2 DTensor parameters are handled on
-their local shards and never reduced: their gradients are already the global batch's.
+over the group: replicas that each saw their own batches, with their own (not all-reduced)
+gradients. FSDP2 DTensor parameters are handled on their local shards and never reduced: every
+rank must see the same batches, so that a shard's gradient is the batch's (SSD arranges that).
+Each rank draws its own random bits for bf16 rounding (the seed, the rank and the batch).
 """
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ class FisherDiagonal:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.dtype, self.seed, self.process_group, self.backend = dtype, seed, process_group, backend
         self.sharded = [type(p).__name__ == "DTensor" for p in params]
+        self.rank = 0
+        if process_group is not None:
+            import torch.distributed as dist
+
+            self.rank = dist.get_rank(process_group)
         self.importance = [torch.zeros(_local(p).shape, dtype=dtype, device=_local(p).device) for p in params]
         self.batches = 0
         self._mean = None
@@ -70,7 +76,8 @@ class FisherDiagonal:
                 gs.append(_local(g).contiguous())
         if imp:
             # a new seed per batch, so that the rounding of successive batches is independent
-            fisher_accumulate(imp, gs, scale=scale, seed=self.seed * 1_000_003 + self.batches, backend=self.backend)
+            key = ((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.batches) % 2**64
+            fisher_accumulate(imp, gs, scale=scale, seed=key - 2**64 if key >= 2**63 else key, backend=self.backend)
         self.batches += 1
 
     def mean(self) -> list:
@@ -82,7 +89,7 @@ class FisherDiagonal:
         if self.process_group is not None and not all(self.sharded):
             import torch.distributed as dist
 
-            count = torch.tensor([float(n_local)], dtype=torch.float64)
+            count = torch.tensor([float(n_local)], dtype=torch.float64, device=self.importance[0].device)
             dist.all_reduce(count, group=self.process_group)
             n_global = int(count.item())
             for t, sharded in zip(self.importance, self.sharded):

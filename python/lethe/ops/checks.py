@@ -101,3 +101,29 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def no_overlap(outs, out_name: str, inputs) -> None:
+    """No tensor of the list `outs` (written in place) shares a byte with another tensor of outs
+    or of the input lists `inputs` ([(name, list)]); inputs may alias each other. The first overlap
+    in address order is named: "<out>[i] must not overlap <other>[j]". One sort, O(T log T)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    iv = []
+    for name, ts in [(out_name, outs)] + list(inputs):
+        for j, t in enumerate(ts):
+            if t.numel() == 0 or is_fake(t) or t.device.type == "meta":
+                continue
+            a = t.data_ptr()
+            iv.append((a, a + t.numel() * t.element_size(), name, j, name == out_name))
+    iv.sort(key=lambda v: (v[0], v[1]))
+    last_all = last_out = None
+    for v in iv:
+        hit = last_all if v[4] else last_out
+        if hit is not None and v[0] < hit[1]:
+            out, other = (hit, v) if hit[4] else (v, hit)
+            raise ValueError(f"{out[2]}[{out[3]}] must not overlap {other[2]}[{other[3]}]")
+        if last_all is None or v[1] > last_all[1]:
+            last_all = v
+        if v[4] and (last_out is None or v[1] > last_out[1]):
+            last_out = v

@@ -5,8 +5,8 @@ data (theta <- theta * min((lambda I_D / I_f)^e, b) where I_f > alpha I_D). leth
 composes them.
 
 Definitions: python/lethe/ops/ssd_reference.py (the authors' rule, op for op, in fp32: the kernels
-give its results bit for bit; for an exponent other than 0, 1, 2, 3 and -1 the power is within an
-ulp of it). Each op is one pass over the whole list (one parallel loop / one launch for all its
+give its results bit for bit; for an exponent other than 0, 1, 2, 3 and -1 lethe's power is the
+fp64 pow rounded to fp32, while torch's fp32 pow is up to ~16 ulp off that: a few ulp apart). Each op is one pass over the whole list (one parallel loop / one launch for all its
 tensors, in place); the counts and sums of ssd_dampen are per-block partials summed in a fixed
 order, so they are deterministic. Kernels: csrc/cpu/ssd.cpp, csrc/cuda/ssd.cu, triton_kernels/ssd.py.
 """
@@ -89,6 +89,7 @@ def check_fisher_accumulate(importance, grad, scale, seed, values=False):
     for i, (a, g) in enumerate(zip(importance, grad)):
         if C.overlap(a, g):
             raise ValueError(f"importance[{i}] must not overlap grad[{i}]")
+    C.no_overlap(importance, "importance", [("grad", grad)])
 
 
 def check_ssd_dampen(param, importance, forget_importance, alpha, lambd, exponent, bound, values=False):
@@ -102,6 +103,7 @@ def check_ssd_dampen(param, importance, forget_importance, alpha, lambd, exponen
     for i, p in enumerate(param):
         if C.overlap(p, importance[i]) or C.overlap(p, forget_importance[i]):
             raise ValueError(f"param[{i}] must not overlap importance[{i}] or forget_importance[{i}]")
+    C.no_overlap(param, "param", [("importance", importance), ("forget_importance", forget_importance)])
 
 
 def _fake_fisher(importance, grad, scale, seed):

@@ -16,7 +16,8 @@ ssd_dampen(param, importance, forget_importance, alpha, lambd, exponent, bound)
   lambd, bound rounded to fp32:
     selected = f > d * alpha                      (strict; f = 0 or NaN is never selected)
     w        = ((d * lambd) / f) ** exponent      (at selected elements f > 0: no division by 0)
-    w        = bound where w > bound              (the clamp; d = 0 gives w = 0: the weight zeroed)
+    w        = bound where w > bound              (the clamp; d = 0 gives w = 0 for e > 0: the weight
+                                                   zeroed; 1 for e = 0; Inf, so bound, for e < 0)
     param    = param * w where selected, else unchanged (computed in fp32, stored in param's dtype)
   Returns (the number of selected elements per tensor [T] int64, the sum of their w [T] fp64).
 """
