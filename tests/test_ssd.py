@@ -522,3 +522,33 @@ def test_ssd_under_two_gloo_processes_equals_one_process(models, sets, bench, tm
         assert abs(got["log"][-1]["selected"] - ref.log[-1]["selected"]) <= 1e-4 * n
         off = sum(int((~torch.isclose(got["state"][k], v, rtol=1e-5, atol=1e-7)).sum()) for k, v in want.items())
         assert off <= 1e-4 * n, f"rank {rank}: {off} of {n} weights differ"
+
+
+def _fsdp_worker(rank, world, port, out, target, sets):
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    with gloo.process_group(rank, world, port):
+        model = AutoModelForCausalLM.from_pretrained(target).eval()
+        for layer in model.model.layers:  # the decoder blocks sharded (DTensors), the rest replicated
+            fully_shard(layer)
+        res = lm.unlearn(model, sets[0], sets[1], "ssd", lm.SSD.benchmark_config, progress=False)
+        state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).clone()
+                 for n, p in model.named_parameters()}
+        torch.save({"state": state, "log": res.log}, os.path.join(out, f"fsdp{rank}.pt"))
+
+
+def test_ssd_with_fsdp2_shards_equals_one_process(models, sets, bench, tmp_path):
+    """FSDP2 (fully_shard on each decoder block, two gloo processes): every rank takes every batch,
+    each keeps its shards' accumulators; the gathered weights and the whole-model figures equal
+    one process's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, gloo.free_port(), str(tmp_path), bench.target, sets), nprocs=2, join=True)
+    one = copy.deepcopy(models["target"])
+    ref = lm.unlearn(one, sets[0], sets[1], "ssd", lm.SSD.benchmark_config, progress=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"fsdp{rank}.pt")
+        assert len(got["log"]) == len(ref.log) and got["log"][-1]["selected"] == ref.log[-1]["selected"]
+        for n, p in one.named_parameters():
+            torch.testing.assert_close(got["state"][n], p.detach(), rtol=1e-6, atol=1e-8)

@@ -141,15 +141,15 @@ class SSD(Method):
         self._named = ssd_parameters(model, c.params, c.modules, layers)
         self._full = Encoded(retain.rows + forget.rows, forget.pad_id, "full")
         self._forget = forget
-        _, _, group = self._world()
+        rank, world, group = self._world()
+        if any(type(p).__name__ == "DTensor" for _, p in self._named):
+            # FSDP2 shards: every rank takes every batch (the same one), so that the reduce-scattered
+            # shard gradient is that batch's gradient, as the authors' per-batch square wants; the
+            # replicated parameters' accumulators are then the same on every rank: nothing to reduce
+            rank, world, group = 0, 1, None
         dtype = torch.float32 if c.accumulator == "float32" else torch.bfloat16
         self._fisher = {k: FisherDiagonal([p for _, p in self._named], dtype=dtype, seed=c.seed * 2 + i,
                                           process_group=group) for i, k in enumerate(("forget", "full"))}
-        rank, world, _ = self._world()
-        if any(type(p).__name__ == "DTensor" for _, p in self._named):
-            # FSDP2 shards: every rank takes every batch (the same one), so that the reduce-scattered
-            # shard gradient is that batch's gradient, as the authors' per-batch square wants
-            rank, world = 0, 1
         self._plan = [(k, b) for k, n in self._passes(forget, retain) for b in range(rank, n, world)]
 
     def prepare_one_shot(self, model, forget: Encoded, retain: Encoded, layers=None) -> None:
@@ -209,10 +209,21 @@ class SSD(Method):
         local = lambda t: t.to_local() if type(t).__name__ == "DTensor" else t  # noqa: E731
         params = [local(p.data) for _, p in self._named]
         stats = ssd_dampen(params, i_d, i_f, alpha=c.alpha, lambd=c.lambd, exponent=c.exponent, bound=c.bound)
-        sel = int(stats.selected.sum())
-        total = sum(p.numel() for p in params)
-        factor = float((stats.mean_factor * stats.selected).sum() / max(sel, 1)) if sel else 1.0
-        self._state["dampened"] = {n: int(s) for (n, _), s in zip(self._named, stats.selected.tolist()) if s}
+        counts = stats.selected.double().cpu()
+        sums = (stats.mean_factor.cpu() * counts)
+        sizes = torch.tensor([float(p.numel()) for _, p in self._named], dtype=torch.float64)
+        shard = torch.tensor([type(p).__name__ == "DTensor" for _, p in self._named])
+        if shard.any():  # the whole tensors' figures: the shards' counts summed over the ranks
+            import torch.distributed as dist
+
+            part = torch.stack([counts, sums, sizes]) * shard
+            dev = params[0].device
+            both = part.to(dev)
+            dist.all_reduce(both)
+            counts, sums, sizes = (both.cpu() + torch.stack([counts, sums, sizes]) * ~shard).unbind(0)
+        sel, total = int(counts.sum()), int(sizes.sum())
+        factor = float(sums.sum() / sel) if sel else 1.0
+        self._state["dampened"] = {n: int(s) for (n, _), s in zip(self._named, counts.tolist()) if s}
         return {"selected": sel, "selected_fraction": sel / max(total, 1), "mean_factor": factor}
 
     def loss(self, model, inputs, step, total_steps):
