@@ -524,3 +524,6 @@ def test_cli_unlearn_with_ssd(jsonl, tmp_path):
     bad = _cli("unlearn", "--method", "ssd", "--model", jsonl["model"], "--forget", jsonl["forget"], "--retain",
                jsonl["retain"], "--out", str(tmp_path / "bad"), "--set", "modules=Conv9d")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "no module of the model is a 'Conv9d'" in bad.stderr
+    bad = _cli("unlearn", "--method", "ssd", "--model", jsonl["model"], "--forget", jsonl["forget"], "--retain",
+               jsonl["retain"], "--out", str(tmp_path / "bad2"), "--lr", "1e-3")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--lr: method 'ssd' trains nothing" in bad.stderr

@@ -96,6 +96,10 @@ def _run(a) -> int:
         method = lm.make_method(a.method, method_overrides(cls, a.set))
         given = {k: getattr(a, k) for k in ("steps", "lr", "batch_size", "warmup", "clip", "seed")
                  if getattr(a, k) is not None}
+        if method.one_shot and given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise UsageError(f"{flag}: method {method.label!r} trains nothing (one-shot: no optimiser); its settings "
+                             f"are --set KEY=VALUE of {sorted(f.name for f in dataclasses.fields(cls.Config))}")
         train = UnlearnConfig.for_method(method, **given)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
@@ -130,14 +134,15 @@ def _run(a) -> int:
         print(f"lethe unlearn: {a.out} already holds the finished run's model")
         return 0
     try:
-        res = lm.unlearn(model, f, r, method, train=train, checkpoint_dir=out,
+        res = lm.unlearn(model, f, r, method, train=None if method.one_shot else train, checkpoint_dir=out,
                          checkpoint_every=a.checkpoint_every or train.steps, resume=a.resume,
                          progress=not a.no_progress, layers=a.layers)
     except (ValueError, FloatingPointError) as e:
         raise UsageError(str(e)) from None
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    lm.write_log(out / "run.json", res, {"train": dataclasses.asdict(train.resolved(len(f))), "model": str(Path(a.model).resolve()),
+    used = None if method.one_shot else dataclasses.asdict(train.resolved(len(f)))  # (SSD: no optimiser)
+    lm.write_log(out / "run.json", res, {"train": used, "model": str(Path(a.model).resolve()),
                                          "forget": a.forget, "retain": a.retain, "layers": a.layers})
     (out / lm.driver.CHECKPOINT).unlink(missing_ok=True)
     last = res.log[-1] if res.log else {}
