@@ -503,6 +503,16 @@ def _overlap_x(d):
     return _axpy(d, out=out, x=[out[0][:], torch.zeros(2, 3, device=d)])
 
 
+def _overlap_across(d):  # out[1] is a view into basis[0] (another list position)
+    b = _b(d)
+    return _axpy(d, out=[torch.zeros(10, device=d), b[0][1][:6].view(2, 3)], basis=b)
+
+
+def _transform_twice(d):  # one basis tensor at two list positions: written twice, in place
+    b = torch.randn(4, 10, device=d)
+    return _transform(d, basis=[b, b])
+
+
 # make(device) -> (op name, its arguments on that device)
 BAD = [
     (lambda d: _dots(d, basis=[_b(d)[0].long(), _b(d)[1]]), TypeError,
@@ -564,6 +574,8 @@ BAD = [
     (lambda d: _axpy(d, scope=[0, 1]), ValueError, r"scope\[1\] must be in \[0, num_scopes\) = \[0, 1\), got 1"),
     (_overlap_basis, ValueError, r"out\[0\] must not overlap basis\[0\]"),
     (_overlap_x, ValueError, r"out\[0\] must not overlap x\[0\] \(pass x=None to update out in place\)"),
+    (_overlap_across, ValueError, r"out\[1\] must not overlap basis\[0\]"),
+    (_transform_twice, ValueError, r"basis\[0\] must not overlap basis\[1\]"),
     (lambda d: _transform(d, coeff=torch.zeros(1, 3, 4, dtype=F64, device=d)), ValueError,
      r"coeff must have shape \[1, 4, 4\], got \[1, 3, 4\]"),
     (lambda d: _transform(d, coeff=torch.zeros(1, 4, 4, dtype=torch.int64, device=d)), TypeError,

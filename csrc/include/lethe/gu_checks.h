@@ -125,6 +125,11 @@ inline void check_subspace_axpy(at::TensorList out, const std::optional<at::Tens
                         "] (pass x=None to update out in place)");
     }
   }
+  if (x.has_value()) {
+    check_no_overlap(out, "out", {{"basis", basis}, {"x", *x}});
+  } else {
+    check_no_overlap(out, "out", {{"basis", basis}});
+  }
 }
 
 inline void check_subspace_transform(at::TensorList basis, const at::Tensor& coeff, at::IntArrayRef scope) {
@@ -132,6 +137,7 @@ inline void check_subspace_transform(at::TensorList basis, const at::Tensor& coe
   const int64_t S = gu::coeff_scopes(coeff);
   gu::check_coeff(coeff, "coeff", {S, k, k}, basis[0]);
   gu::check_scope(scope, S, basis);
+  check_no_overlap(basis, "basis", {});
 }
 
 }  // namespace lethe

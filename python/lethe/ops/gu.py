@@ -140,6 +140,7 @@ def check_subspace_axpy(out, x, basis, coeff, scale, scope, dots, values=False):
             raise ValueError(f"out[{i}] must not overlap basis[{i}]")
         if x is not None and C.overlap(out[i], x[i]):
             raise ValueError(f"out[{i}] must not overlap x[{i}] (pass x=None to update out in place)")
+    C.no_overlap(out, "out", [("basis", basis)] + ([("x", x)] if x is not None else []))
 
 
 def check_subspace_transform(basis, coeff, scope, values=False):
@@ -147,6 +148,7 @@ def check_subspace_transform(basis, coeff, scope, values=False):
     num_scopes = coeff.shape[0] if isinstance(coeff, torch.Tensor) and coeff.dim() >= 1 else 1
     _check_coeff(coeff, "coeff", [num_scopes, k, k], basis[0])
     _check_scope(scope, num_scopes, basis)
+    C.no_overlap(basis, "basis", [])
 
 
 def _fake_dots(basis, x, exp_avg_sq, eps, scope, num_scopes, gram):
