@@ -14,8 +14,8 @@ table's addresses cast to their runtime dtype (gu.py's _load / _store), so each 
 configuration (aot_configs) whatever the dtypes.
 
 Arithmetic is fp32 IEEE (div_rn; launched with enable_fp_fusion=False), in the reference's
-order. A general exponent (not 0, 1, 2, 3, -1) is exp2(e log2 w) in fp64, rounded to fp32 (no
-libdevice call: the same code runs under the interpreter). Stochastic rounding to bf16 adds the
+order. A general exponent (not 0, 1, 2, 3, -1) is exp2(e log2 |w|) in fp64, rounded to fp32 and
+signed as pow, lethe/ssd.h's general_power (the same code runs under the interpreter). Stochastic rounding to bf16 adds the
 low 16 bits of the same counter-based hash as the CPU kernel (lowbias32 of (seed, tensor,
 element), uint32 arithmetic) and truncates: bit for bit the CPU kernel's. ssd_dampen's programs
 write their count and fp64 factor sum to their own partials entry (no atomics); the entries are

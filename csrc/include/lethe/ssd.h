@@ -62,9 +62,12 @@ LETHE_HD float fisher_value(float imp, float g, float s) { return imp + (g * g) 
 // ---- ssd_dampen
 
 // The exponents torch's pow computes by multiplications and a division (1, 2, 3, -1; 0 is 1): the
-// same here, so that the dampened weights equal the authors' bit for bit. Any other exponent goes
-// through pow in fp64, rounded to fp32: the correctly rounded power in all but rare cases, while
-// torch's fp32 pow (0.5 included, whose CPU sqrt is not correctly rounded) may be an ulp off it.
+// same here, so that the dampened weights equal the authors' bit for bit. Any other exponent is
+// 2^(e log2 |x|) in fp64, rounded to fp32 (signed as pow: negative for an odd integer e and x < 0,
+// NaN for a non-integer e and x < 0), the same formula as the Triton kernel's: the correctly
+// rounded power in all but rare cases, while torch's fp32 pow (0.5 included, whose CPU sqrt is not
+// correctly rounded) may be a few ulp off it. (Not pow itself: CUDA's fp64 pow is a call that
+// spills registers in the dampen kernel.)
 enum Power : int { kPowZero = 0, kPowOne = 1, kPowTwo = 2, kPowThree = 3, kPowNegOne = 4, kPowGeneral = 5 };
 
 inline int power_kind(double e) {
@@ -76,6 +79,16 @@ inline int power_kind(double e) {
   return kPowGeneral;
 }
 
+LETHE_HD float general_power(float x, double e) {
+  const double a = static_cast<double>(x);
+  double r = exp2(e * log2(fabs(a)));
+  if (a < 0) {
+    const bool integer = floor(e) == e;
+    r = !integer ? NAN : (floor(e * 0.5) * 2.0 != e ? -r : r);
+  }
+  return static_cast<float>(r);
+}
+
 LETHE_HD float power(float x, int kind, double e) {
   switch (kind) {
     case kPowZero: return 1.0f;
@@ -83,7 +96,7 @@ LETHE_HD float power(float x, int kind, double e) {
     case kPowTwo: return x * x;
     case kPowThree: return x * x * x;
     case kPowNegOne: return 1.0f / x;
-    default: return static_cast<float>(pow(static_cast<double>(x), e));
+    default: return general_power(x, e);
   }
 }
 
