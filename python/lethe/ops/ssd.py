@@ -6,8 +6,9 @@ composes them.
 
 Definitions: python/lethe/ops/ssd_reference.py (the authors' rule, op for op, in fp32: the kernels
 give its results bit for bit; for an exponent other than 0, 1, 2, 3 and -1 lethe's power is the
-fp64 pow rounded to fp32, while torch's fp32 pow is up to ~16 ulp off that: a few ulp apart). Each op is one pass over the whole list (one parallel loop / one launch for all its
-tensors, in place); the counts and sums of ssd_dampen are per-block partials summed in a fixed
+fp64 power 2^(e log2 |x|) rounded to fp32, while torch's fp32 pow is up to ~16 ulp off that: a
+few ulp apart). Each op is one pass over the whole list (one parallel loop / one launch for all
+its tensors, in place); the counts and sums of ssd_dampen are per-block partials summed in a fixed
 order, so they are deterministic. Kernels: csrc/cpu/ssd.cpp, csrc/cuda/ssd.cu, triton_kernels/ssd.py.
 """
 from __future__ import annotations
