@@ -27,6 +27,7 @@ import torch
 
 from lethe.methods.base import Encoded, Method, check_number, mean_nll, register
 from lethe.nn.fisher import FisherDiagonal
+from lethe.nn.retain_subspace import _local
 
 ACCUMULATORS = ("float32", "bfloat16")
 
@@ -206,8 +207,7 @@ class SSD(Method):
         c = self.config
         i_f = self._fisher["forget"].mean()
         i_d = self._fisher["full"].mean()
-        local = lambda t: t.to_local() if type(t).__name__ == "DTensor" else t  # noqa: E731
-        params = [local(p.data) for _, p in self._named]
+        params = [_local(p.data) for _, p in self._named]
         stats = ssd_dampen(params, i_d, i_f, alpha=c.alpha, lambd=c.lambd, exponent=c.exponent, bound=c.bound)
         counts = stats.selected.double().cpu()
         sums = (stats.mean_factor.cpu() * counts)

@@ -23,16 +23,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from lethe.nn.retain_subspace import _local  # a DTensor's local shard, else the tensor
 from lethe.ops import fisher_accumulate
 
 __all__ = ["FisherDiagonal"]
 
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _local(t):
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
 
 
 class FisherDiagonal:

@@ -133,6 +133,10 @@ SSD_DAMPEN = define_op(
 # The public functions
 # ------------------------------------------------------------------------------------------------
 
+def _as_list(ts):
+    return list(ts) if isinstance(ts, (list, tuple)) else ts  # (anything else: the check names it)
+
+
 class DampenStats(NamedTuple):
     """What ssd_dampen changed, per tensor of its list: the number of selected (dampened) elements
     [T] int64 and the mean dampening factor over them [T] fp64 (1 where none was selected)."""
@@ -145,8 +149,7 @@ def fisher_accumulate(importance: Sequence[torch.Tensor], grad: Sequence[torch.T
     """importance[t] <- importance[t] + (grad[t] * grad[t]) * scale, in place, for the whole list in
     one pass. importance: float32, or bfloat16 (then stochastically rounded, the random bits a hash
     of (seed, t, element): pass a new seed per call); grad: any float dtype, of importance's shape."""
-    args = (list(importance) if isinstance(importance, (list, tuple)) else importance,
-            list(grad) if isinstance(grad, (list, tuple)) else grad, scale, seed)
+    args = (_as_list(importance), _as_list(grad), scale, seed)
     check_fisher_accumulate(*args)
     which = _backend.resolve(FISHER_ACCUMULATE, args[0][0], backend)
     with torch.no_grad():
@@ -165,10 +168,7 @@ def ssd_dampen(param: Sequence[torch.Tensor], importance: Sequence[torch.Tensor]
     forget_importance) ** exponent, bound). The defaults are the paper's (alpha 10, lambda 1, and
     the authors' code's exponent 1 and bound 1). importance / forget_importance: float32 or
     bfloat16, of param's shapes; param: float32, float16 or bfloat16. Returns DampenStats."""
-    args = (list(param) if isinstance(param, (list, tuple)) else param,
-            list(importance) if isinstance(importance, (list, tuple)) else importance,
-            list(forget_importance) if isinstance(forget_importance, (list, tuple)) else forget_importance,
-            alpha, lambd, exponent, bound)
+    args = (_as_list(param), _as_list(importance), _as_list(forget_importance), alpha, lambd, exponent, bound)
     check_ssd_dampen(*args)
     which = _backend.resolve(SSD_DAMPEN, args[0][0], backend)
     with torch.no_grad():
