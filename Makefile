@@ -22,7 +22,7 @@ $(PY):
 $(DEPS_STAMP): $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install "$(TORCH_SPEC)" numpy ninja pytest pytest-benchmark transformers peft \
-	  tokenizers safetensors scipy scikit-learn rouge-score matplotlib tqdm
+	  tokenizers safetensors scipy scikit-learn rouge-score matplotlib tqdm curvlinops-for-pytorch
 	touch $@
 
 deps: $(DEPS_STAMP)

@@ -74,11 +74,17 @@ def test_import_without_compiled_library_warns_once_and_uses_reference(tmp_path)
 
 def test_every_op_is_declared_once_with_its_twin():
     # one declaration (lethe.ops._op.define_op) gives the schema, the fake kernel, the Triton twin
-    # with the same schema, and the OPS row
+    # with the same schema, and the OPS row; the kfac family alone has no twin (GEMM / LAPACK
+    # bound: its kernels are cuBLAS / cuSOLVER / MKL calls, docs/architecture.md)
     import torch
 
     for name, op in OPS.items():
-        assert op.defined and op.triton, name
+        assert op.defined, name
+        if name.startswith("kfac_"):
+            assert op.triton is None and not hasattr(torch.ops.lethe, f"{name}_triton"), name
+            assert op.kernels == ("cpu", "cuda") or op.kernels == ("cpu",), (name, op.kernels)
+            continue
+        assert op.triton, name
         schema = torch.ops.lethe.__getattr__(name).default._schema
         twin = torch.ops.lethe.__getattr__(f"{name}_triton").default._schema
         assert [(a.name, str(a.type)) for a in schema.arguments] == [(a.name, str(a.type)) for a in twin.arguments]
