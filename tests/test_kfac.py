@@ -4,11 +4,13 @@ accuracy and its fp64 retry, preconditioning against a dense solve, the factors 
 explicit per-token Fisher and curvlinops' KFACLinearOperator, opcheck, and bad input."""
 import copy
 import math
+import os
 
 import pytest
 import torch
 
 import backends
+import gloo
 from lethe.ops import kfac as K
 from lethe.ops import kfac_reference as ref
 
@@ -324,3 +326,361 @@ def test_bad_input_gets_the_same_clear_error_everywhere(case, path):
             getattr(torch.ops.lethe, name)(*vals)
         else:
             fn(*vals[:npos], **dict(list(kw.items())[npos:]), backend=None if path == "public" else "reference")
+
+
+# ------------------------------------------------------------------------------------------------
+# lethe.nn.KFAC: capture by hooks, running means, Fisher types, the eigenbasis, state, distributed
+# ------------------------------------------------------------------------------------------------
+
+def _mlp(bias=True, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7, bias=bias), torch.nn.Tanh(), torch.nn.Linear(7, 4, bias=bias),
+                               torch.nn.Tanh(), torch.nn.Linear(4, 3)).to(dtype)
+
+
+def _data(seed, B=3, T=6, masked=True):
+    g = _gen(seed)
+    x = torch.randn(B, T, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (B, T), generator=g)
+    if masked:
+        y[0, :2] = -100
+        y[-1, -1] = -100
+    return x, y
+
+
+def _dense_factors(model, batches):
+    """Per layer (A, G): the token means over every batch of a a^T (ones last) and of the output
+    gradients of the summed cross-entropy, from autograd directly."""
+    lins = [m for m in model if isinstance(m, torch.nn.Linear)]
+    acts, grads = {i: [] for i in range(len(lins))}, {i: [] for i in range(len(lins))}
+    for x, y in batches:
+        keep = y != -100
+        h, outs, ins = x, [], []
+        for m in model:
+            if isinstance(m, torch.nn.Linear):
+                ins.append(h)
+                h = m(h)
+                outs.append(h)
+            else:
+                h = m(h)
+        loss = torch.nn.functional.cross_entropy(h[keep], y[keep], reduction="sum")
+        gs = torch.autograd.grad(loss, outs)
+        for i, (a, g) in enumerate(zip(ins, gs)):
+            a = a[keep].detach()
+            if lins[i].bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+            acts[i].append(a)
+            grads[i].append(g[keep])
+    out = []
+    for i in range(len(lins)):
+        a, g = torch.cat(acts[i]), torch.cat(grads[i])
+        out.append((a.T @ a / a.shape[0], g.T @ g / g.shape[0]))
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_kfac_module_factors_equal_the_dense_running_means_over_batches(bias):
+    from lethe.nn import KFAC
+
+    model = _mlp(bias)
+    batches = [_data(90), _data(91), _data(92, B=2, T=3)]
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    assert k.names == ["0", "2", "4"]  # (an nn.Sequential's numbered modules are its blocks)
+    for x, y in batches:
+        k.accumulate(lambda: model(x), y)
+    assert k.tokens == sum(int((y != -100).sum()) for _, y in batches)
+    for l, (A, G) in zip(k.layers, _dense_factors(model, batches)):
+        torch.testing.assert_close(l.A, A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(l.G, G, rtol=1e-10, atol=1e-12)
+        assert torch.equal(l.A, l.A.T) and torch.equal(l.G, l.G.T)
+    assert all(p.grad is None for p in model.parameters())  # only the outputs' gradients were taken
+
+
+def test_kfac_module_ema_weights_the_batch_means():
+    from lethe.nn import KFAC
+
+    model = _mlp()
+    batches = [_data(93), _data(94), _data(95)]
+    k = KFAC(model, fisher="empirical", average="ema", beta=0.75, dtype=torch.float64)
+    want = None
+    for x, y in batches:
+        k.accumulate(lambda: model(x), y)
+        now = _dense_factors(model, [(x, y)])
+        want = now if want is None else [(0.75 * a + 0.25 * na, 0.75 * g + 0.25 * ng)
+                                         for (a, g), (na, ng) in zip(want, now)]
+    for l, (A, G) in zip(k.layers, want):
+        torch.testing.assert_close(l.A, A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(l.G, G, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_module_true_fisher_samples_the_models_distribution():
+    """The last layer's output gradient for a label y ~ p is p - e_y: over many samples G tends to
+    the token mean of diag(p) - p p^T; reproducible by seed, another seed other samples."""
+    from lethe.nn import KFAC
+
+    model = _mlp()
+    x, y = _data(96, B=64)
+    y = torch.where(y == -100, y, model(x).argmax(-1))  # (labels the empirical Fisher's G is far from the true's)
+    k = KFAC(model, fisher="true", samples=16, seed=3, dtype=torch.float64)
+    k.accumulate(lambda: model(x), y)
+    keep = y != -100
+    p = torch.softmax(model(x)[keep], -1).detach()
+    want = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)).mean(0)
+    torch.testing.assert_close(k.layers[-1].G, want, rtol=0, atol=0.03)  # (about 5 sigma of 6000 draws)
+    emp = KFAC(model, fisher="empirical", dtype=torch.float64)
+    emp.accumulate(lambda: model(x), y)
+    assert float((emp.layers[-1].G - want).abs().max()) > 0.1  # (what the test tells apart)
+    again = KFAC(model, fisher="true", samples=16, seed=3, dtype=torch.float64)
+    again.accumulate(lambda: model(x), y)
+    assert torch.equal(again.layers[0].G, k.layers[0].G)
+    other = KFAC(model, fisher="true", samples=16, seed=4, dtype=torch.float64)
+    other.accumulate(lambda: model(x), y)
+    assert not torch.equal(other.layers[0].G, k.layers[0].G)
+    for m in (k, emp, again, other):
+        m.remove()
+
+
+def test_kfac_module_equals_curvlinops_on_an_mlp():
+    import curvlinops
+
+    from lethe.nn import KFAC
+
+    model = _mlp(bias=False)
+    x, y = _data(97, masked=False)
+    X, Y = x.reshape(-1, 5), y.reshape(-1)
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    k.accumulate(lambda: model(X), Y)
+    op = curvlinops.KFACLinearOperator(model, torch.nn.CrossEntropyLoss(reduction="mean"),
+                                       [p for p in model.parameters()], [(X, Y)], fisher_type="empirical",
+                                       check_deterministic=False)
+    op.compute_kronecker_factors() if hasattr(op, "compute_kronecker_factors") else None
+    for name in ("_input_covariances", "input_covariances"):
+        if hasattr(op, name):  # (keyed by module name)
+            ia, ig = getattr(op, name), getattr(op, name.replace("input", "gradient"))
+            break
+    assert sorted(ia) == sorted(ig) == k.names
+    for l in k.layers:  # (curvlinops keeps a bias apart: its A is the weight block of lethe's joint one)
+        torch.testing.assert_close(l.A[: l.inp, : l.inp], ia[l.name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(l.G, ig[l.name], rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_module_preconditioning_equals_the_damped_kronecker_solves():
+    from lethe.nn import KFAC
+
+    model = _mlp()
+    x, y = _data(98)
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    k.accumulate(lambda: model(x), y)
+    torch.nn.functional.cross_entropy(model(x)[y != -100], y[y != -100]).backward()
+    grads = k.gradients()
+    assert torch.equal(grads[0], torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1))
+    for split in ("pi", "even"):
+        pre = k.precondition(grads, 1e-2, split=split)
+        for l, g, p in zip(k.layers, grads, pre.grads):
+            ta, tg = torch.trace(l.A) / l.A.shape[0], torch.trace(l.G) / l.G.shape[0]
+            pi = float((ta / tg).sqrt()) if split == "pi" else 1.0
+            Ad = l.A + pi * 0.1 * torch.eye(l.A.shape[0], dtype=torch.float64)
+            Gd = l.G + 0.1 / pi * torch.eye(l.G.shape[0], dtype=torch.float64)
+            torch.testing.assert_close(p, torch.linalg.solve(Gd, g) @ torch.linalg.inv(Ad), rtol=1e-8, atol=1e-10)
+    # the eigen path: exact Tikhonov damping of A (x) G
+    k.eigen()
+    pre = k.precondition(grads, 1e-2, eigen=True)
+    for l, g, p in zip(k.layers, grads, pre.grads):
+        F = torch.kron(l.G, l.A) + 1e-2 * torch.eye(l.G.shape[0] * l.A.shape[0], dtype=torch.float64)
+        want = torch.linalg.solve(F, g.reshape(-1)).reshape(g.shape)
+        torch.testing.assert_close(p, want, rtol=1e-7, atol=1e-9)
+        assert float(l.e_a.min()) >= 0 and float(l.e_g.min()) >= 0  # clamped at 0
+    quad = k.quadratic(pre.grads)
+    for l, d, qv in zip(k.layers, pre.grads, quad):
+        v = d.reshape(-1)
+        torch.testing.assert_close(qv, v @ torch.kron(l.G, l.A) @ v, rtol=1e-10, atol=1e-12)
+    model.zero_grad()
+
+
+def test_ekfac_lambda_is_the_per_token_square_in_the_eigenbasis():
+    from lethe.nn import KFAC
+
+    model = _mlp()
+    batches = [_data(99), _data(100)]
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    for x, y in batches:
+        k.accumulate(lambda: model(x), y)
+    k.eigen()
+    for x, y in batches:
+        k.accumulate(lambda: model(x), y, into="lambda")
+    lins = [m for m in model if isinstance(m, torch.nn.Linear)]
+    # the per-token gradients g_t a_t^T, rotated into the eigenbasis and squared, averaged
+    per = {i: [] for i in range(3)}
+    for x, y in batches:
+        keep = y != -100
+        h, outs, ins = x, [], []
+        for m in model:
+            if isinstance(m, torch.nn.Linear):
+                ins.append(h)
+                h = m(h)
+                outs.append(h)
+            else:
+                h = m(h)
+        gs = torch.autograd.grad(torch.nn.functional.cross_entropy(h[keep], y[keep], reduction="sum"), outs)
+        for i, (a, g) in enumerate(zip(ins, gs)):
+            a = torch.cat([a[keep].detach(), torch.ones(int(keep.sum()), 1, dtype=torch.float64)], 1)
+            per[i].append(torch.einsum("to,ti->toi", g[keep] @ k.layers[i].q_g, a @ k.layers[i].q_a) ** 2)
+    for i, l in enumerate(k.layers):
+        torch.testing.assert_close(l.lam, torch.cat(per[i]).mean(0), rtol=1e-10, atol=1e-13)
+    assert len(lins) == 3
+
+
+def test_kfac_module_on_gpt2_conv1d_and_llama_layer_choice():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lethe.nn import KFAC, kfac_layers
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13, n_positions=16)).double()
+    names = [n for n, _ in kfac_layers(gpt)]
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                     "transformer.h.0.mlp.c_proj"]
+    assert [n for n, _ in kfac_layers(gpt, "mlp")] == names[2:]
+    ids = torch.randint(0, 13, (2, 5), generator=_gen(101))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    k = KFAC(gpt, "*.mlp.c_fc", fisher="empirical", dtype=torch.float64)
+    # the Conv1D's input, captured by hand: its factor A is its token mean (the last position has no label)
+    seen = []
+    h = gpt.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    k.accumulate_lm(gpt, batch)
+    h.remove()
+    a = torch.cat([seen[0][:, :-1].reshape(-1, 8), torch.ones(8, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(k.layers[0].A, a.T @ a / 8, rtol=1e-10, atol=1e-12)
+    assert k.layers[0].G.shape == (32, 32) and k.tokens == 8
+    # Conv1D's [in, out] weight in and out of the [out, in + 1] layout
+    conv = gpt.transformer.h[0].mlp.c_fc
+    w0, b0 = conv.weight.detach().clone(), conv.bias.detach().clone()
+    d = torch.randn(32, 9, dtype=torch.float64, generator=_gen(102))
+    k.add_to_parameters([d], 0.5)
+    torch.testing.assert_close(conv.weight.detach(), w0 + 0.5 * d[:, :8].T)
+    torch.testing.assert_close(conv.bias.detach(), b0 + 0.5 * d[:, 8])
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    names = [n for n, _ in kfac_layers(llama)]
+    assert len(names) == 14 and "lm_head" not in names and all(n.startswith("model.layers.") for n in names)
+    assert [n for n, _ in kfac_layers(llama, "mlp")] == [n for n in names if ".mlp." in n]
+    with pytest.raises(ValueError, match=r"layers: pattern 'nope\*' matches no Linear or Conv1D layer"):
+        kfac_layers(llama, ["model.layers.0.*", "nope*"])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="no Linear or Conv1D layer of Net is inside a numbered block"):
+        kfac_layers(Net())
+    assert [n for n, _ in kfac_layers(Net(), "head")] == ["head"]
+
+
+def test_kfac_module_save_and_load_under_layer_names(tmp_path):
+    from safetensors import safe_open
+
+    from lethe.nn import KFAC
+
+    model = _mlp()
+    x, y = _data(103)
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    k.accumulate(lambda: model(x), y)
+    k.eigen()
+    k.save(tmp_path / "f.safetensors")
+    with safe_open(str(tmp_path / "f.safetensors"), framework="pt") as f:
+        assert {"0.A", "0.G", "2.q_a", "4.lam"} <= set(f.keys())
+    back = KFAC(model, fisher="empirical", dtype=torch.float64)
+    back.load(tmp_path / "f.safetensors")
+    assert back.tokens == k.tokens
+    for a, b in zip(k.layers, back.layers):
+        assert torch.equal(a.A, b.A) and torch.equal(a.G, b.G) and torch.equal(a.lam, b.lam)
+    with pytest.raises(ValueError, match=r"the saved factors are of the layers \['0', '2', '4'\]"):
+        KFAC(model, ["0", "2"], fisher="empirical", dtype=torch.float64).load(tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match="the saved factors are torch.float64, not torch.float32"):
+        KFAC(model, fisher="empirical").load(tmp_path / "f.safetensors")
+
+
+def test_kfac_module_bad_input_is_named():
+    from lethe.nn import KFAC
+
+    model = _mlp()
+    x, y = _data(104)
+    for kw, match in ((dict(fisher="mc"), r"fisher must be one of \('true', 'empirical'\), got 'mc'"),
+                      (dict(samples=0), "samples must be a positive int, got 0"),
+                      (dict(average="sum"), r"average must be one of \('mean', 'ema'\)"),
+                      (dict(beta=1.0), r"beta must be a number in \[0, 1\), got 1.0"),
+                      (dict(dtype=torch.float16), "dtype must be torch.float32 or torch.float64")):
+        with pytest.raises(ValueError, match=match):
+            KFAC(model, **kw)
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="no token was accumulated"):
+        k.inverses(1e-3)
+    with pytest.raises(ValueError, match=r"layer '0''s input has leading shape \[3, 6\], but the targets \(the token "
+                                         r"mask\) have shape \[3, 5\]"):
+        k.accumulate(lambda: model(x), y[:, :5])
+    with pytest.raises(ValueError, match=r"targets must have the logits' leading shape \[3, 6, 3\], got \[3, 6\]"):
+        k.accumulate(lambda: model(x).unsqueeze(-1), y)
+    with pytest.raises(TypeError, match="targets must be an int64 tensor"):
+        k.accumulate(lambda: model(x), y.float())
+    with pytest.raises(RuntimeError, match=r"accumulate\(into='lambda'\) needs the eigenbasis"):
+        k.accumulate(lambda: model(x), y, into="lambda")
+    with pytest.raises(RuntimeError, match="layer '0' ran more than once in one forward"):
+        k.accumulate(lambda: model(model[0](x)[..., :5] * 0 + x), y)
+    assert k.tokens == 0 and all(p.grad is None and p.requires_grad for p in model.parameters())
+    k.accumulate(lambda: model(x), y)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0, got -1"):
+        k.inverses(-1.0)
+    with pytest.raises(ValueError, match=r"split must be one of \('pi', 'even'\)"):
+        k.inverses(1e-3, split="half")
+    with pytest.raises(ValueError, match=r"grads: expected one matrix per layer \(3\), got 1"):
+        k.precondition(k.gradients()[:1], 1e-3)
+
+
+def _kfac_worker(rank, world, port, out):
+    from lethe.nn import KFAC
+
+    with gloo.process_group(rank, world, port):
+        import torch.distributed as dist
+
+        model = _mlp()
+        k = KFAC(model, fisher="empirical", dtype=torch.float64, process_group=dist.group.WORLD)
+        for i in range(rank, 5, world):  # every second batch
+            x, y = _data(110 + i, B=1 + i % 3)
+            k.accumulate(lambda: model(x), y)
+        k.reduce()
+        inv = k.inverses(1e-2)
+        k.eigen()
+        torch.save({"A": [l.A for l in k.layers], "G": [l.G for l in k.layers], "inv": inv, "tokens": k.tokens,
+                    "owner": k._assign([t.shape[0] for l in k.layers for t in (l.A, l.G)]),
+                    "q_a": [l.q_a for l in k.layers]}, os.path.join(out, f"kfac{rank}.pt"))
+
+
+def test_kfac_module_under_two_gloo_processes_equals_one_process(tmp_path):
+    """Each rank captures every second batch; the all-reduced upper triangles (weighted by the
+    ranks' token counts) are the one-process running means; the inversions and eigenbases,
+    each computed on one rank (greedy n^3) and broadcast, are the one-process ones."""
+    import torch.multiprocessing as mp
+
+    from lethe.nn import KFAC
+
+    mp.spawn(_kfac_worker, args=(2, gloo.free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = _mlp()
+    k = KFAC(model, fisher="empirical", dtype=torch.float64)
+    for i in range(5):
+        x, y = _data(110 + i, B=1 + i % 3)
+        k.accumulate(lambda: model(x), y)
+    inv = k.inverses(1e-2)
+    k.eigen()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"kfac{rank}.pt")
+        assert got["tokens"] == k.tokens
+        assert sorted(set(got["owner"])) == [0, 1]  # both ranks inverted some
+        for l, A, G, (ia, ig), (wa, wg), qa in zip(k.layers, got["A"], got["G"], got["inv"], inv, got["q_a"]):
+            torch.testing.assert_close(A, l.A, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(G, l.G, rtol=1e-12, atol=1e-14)
+            assert torch.equal(A, A.T)
+            torch.testing.assert_close(ia, wa, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(ig, wg, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close((qa.T @ l.q_a).abs(), torch.eye(qa.shape[0], dtype=torch.float64),
+                                       rtol=0, atol=1e-6)
