@@ -54,6 +54,23 @@ def test_factor_update_matches_the_reference(kb, xdt, fdt, shape, bias, masked, 
     assert torch.equal(f, f.T)  # exactly symmetric
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_factor_update_of_a_large_factor_computes_its_upper_blocks(kb, bias):
+    """Above 1024 the kernel computes only the upper triangle's 512-wide blocks (and mirrors them):
+    1537 = 3 blocks and one of 1; decay applies to the old values of every block."""
+    g = _gen(4)
+    D = 1536 + int(bias)
+    f0 = torch.randn(D, D, generator=g, dtype=torch.float64)
+    f0 = (f0 + f0.T).float()
+    x = torch.randn(40, 1536, generator=g)
+    mask = torch.rand(40, generator=g) > 0.3
+    want = ref.kfac_factor_update_reference(f0, x, mask, bias, 0.5, 0.25)
+    f = kb.to(f0.clone())
+    kb.public(K.kfac_factor_update, f, x, mask, bias=bias, scale=0.5, decay=0.25)
+    torch.testing.assert_close(f.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(f, f.T)
+
+
 def test_factor_update_with_decay_zero_ignores_nan_and_is_a_running_mean(kb):
     g = _gen(3)
     f = kb.to(torch.full((4, 4), float("nan")))
