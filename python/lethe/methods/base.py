@@ -98,6 +98,8 @@ class Method:
     benchmark_config: ClassVar[dict] = {}
     # no training: the driver runs prepare_one_shot, work(model, unit) per unit, then finish (SSD)
     one_shot: ClassVar[bool] = False
+    # a one-shot method whose work units change the model (K-FADE's steps): its checkpoints keep it
+    changes_model: ClassVar[bool] = False
 
     def __init__(self, config=None, **overrides):
         if config is None:

@@ -285,7 +285,7 @@ def _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, lay
     (a batch of a pass over the data, on the original model), then m.finish(model), which changes
     the model. A checkpoint every `checkpoint_every` units holds the method's state (its
     accumulators) and the log; the last one, after finish, also the model, so that a resumed run
-    never repeats the change. Under torch.distributed each rank keeps its own checkpoint
+    never repeats the change (every one, for a method whose units change the model: K-FADE). Under torch.distributed each rank keeps its own checkpoint
     (<name>.rank<r>.pt), and a resume must have the same world size."""
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -304,7 +304,7 @@ def _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, lay
                              f"this one ({meta})")
         m.load_state_dict(state["method"])
         entries, start, done = state["log"], state["step"], state["done"]
-        if done:
+        if "model" in state:  # after finish, or a method whose units change it
             model.load_state_dict(state["model"])
         m.resume_one_shot(model, f, r, layers)
     else:
@@ -315,7 +315,7 @@ def _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, lay
     def checkpoint(step, finished):
         m.checkpoint_state()
         _save(ckpt, {"meta": meta, "step": step, "done": finished, "method": m.state_dict(), "log": entries,
-                     **({"model": model.state_dict()} if finished else {})})
+                     **({"model": model.state_dict()} if finished or m.changes_model else {})})
 
     t0 = time.perf_counter()
     total = m.units(f, r)
