@@ -22,9 +22,10 @@ def add_parser(sub) -> None:
                     "model directory with its tokenizer) and run.json (the settings and every step's losses) to --out. "
                     f"Methods: {', '.join(available())}; a plug-in on a gradient method as BASE+PLUGIN (npo+gu, "
                     "graddiff+gu). The optimiser defaults are the built-in benchmark's tiny "
-                    "model's: a real model wants its own --lr and --steps. A one-shot method (ssd) trains nothing: "
-                    "it takes none of the optimiser flags (--steps, --lr, --batch-size, --warmup, --clip, --seed; "
-                    "its batch size is --set batch_size=N), and checkpoints count its batches.")
+                    "model's: a real model wants its own --lr and --steps. A one-shot method (ssd, kfade) trains nothing "
+                    "through the optimiser: it takes none of the optimiser flags (--steps, --lr, --batch-size, "
+                    "--warmup, --clip, --seed; its settings are --set KEY=VALUE: batch_size=N, kfade's steps=N), and "
+                    "checkpoints count its work units (batches, and kfade's Gauss-Newton steps).")
     u.add_argument("--method", required=True, help=f"the method ({', '.join(available())}, or BASE+gu)")
     u.add_argument("--model", required=True, help="a Hugging Face causal LM directory (with its tokenizer)")
     u.add_argument("--forget", required=True, help="JSONL file of the forget set ({\"question\",\"answer\"} lines)")
@@ -41,7 +42,8 @@ def add_parser(sub) -> None:
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the method's config (repeatable), e.g. --set beta=0.2 (see its docstring)")
     u.add_argument("--layers", action="append", default=None, metavar="PATTERN",
-                   help="train (ssd: change) only the parameters whose names match this glob pattern (repeatable)")
+                   help="train (ssd, kfade: change) only the parameters whose names match this glob pattern "
+                        "(repeatable)")
     u.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default 10)")
     u.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     u.add_argument("--template", default="Question: {q}\nAnswer:", help="prompt template of question lines")
