@@ -17,6 +17,7 @@
 //    Only the lower triangle of the input is read. A leaf's failed Cholesky marks its matrix, which
 //    is inverted again in fp64. On the CPU each matrix is a loop of 2-D GEMMs on strided views
 //    (batched GEMMs on views copy there); on CUDA the batch goes through strided batched GEMMs.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addmm.h>
@@ -38,6 +39,7 @@
 #include <ATen/ops/triu.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -64,11 +66,24 @@ inline at::Tensor rows(const at::Tensor& x, const std::optional<at::Tensor>& mas
 
 // f <- triu(f) + triu(f, 1)^T (2-D or batched): the strict lower triangle from a contiguous
 // transposed copy (a transposing copy_ is blocked; triu of a transposed view is not, 7x slower here).
-inline void mirror_upper(at::Tensor& f) {
+inline void mirror_block(at::Tensor f) {
   // (clone, not contiguous(): a 1 x 1 matrix's transpose is contiguous, and would alias f)
   at::Tensor t = f.transpose(-1, -2).clone(at::MemoryFormat::Contiguous);
   f.triu_();
   f.add_(t.tril_(-1));
+}
+
+// Above 256 by blocks of rows: each diagonal block as above, the block row left of it one
+// transposing copy of the block column above it (about one pass over the matrix instead of four).
+inline void mirror_upper(at::Tensor& f) {
+  constexpr int64_t B = 256;
+  const int64_t n = f.size(-1);
+  if (n <= B) return mirror_block(f);
+  for (int64_t i = 0; i < n; i += B) {
+    const int64_t b = std::min(B, n - i);
+    mirror_block(f.narrow(-2, i, b).narrow(-1, i, b));
+    if (i > 0) f.narrow(-2, i, b).narrow(-1, 0, i).copy_(f.narrow(-2, 0, i).narrow(-1, i, b).transpose(-1, -2));
+  }
 }
 
 // c <- beta c + alpha a b, 2-D (CPU, views) or batched (CUDA).
@@ -135,15 +150,23 @@ inline std::pair<std::vector<at::Tensor>, at::Tensor> invert_group(at::TensorLis
     for (int64_t j = 0; j < B; ++j) out.push_back(x.select(0, j).clone());  // outputs that share no storage
     return {out, failed.cpu()};
   }
-  for (int64_t j = 0; j < B; ++j) {
-    at::Tensor x = at::empty({n, n}, opts);
-    damped_into(x, factors[idx[j]], damping[idx[j]]);
-    at::Tensor f = at::zeros({}, failed.options());
-    invert_(x, f, false);
-    mirror_upper(x);
-    failed.select(0, j).copy_(f);
-    out.push_back(x);
-  }
+  // The matrices side by side, one per thread (their GEMMs then run single-threaded, where the
+  // small ones of the recursion are far more efficient than split over threads); a lone matrix
+  // runs inline, multi-threaded.
+  out.resize(B);
+  std::vector<uint8_t> bad(B, 0);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j = b0; j < b1; ++j) {
+      at::Tensor x = at::empty({n, n}, opts);
+      damped_into(x, factors[idx[j]], damping[idx[j]]);
+      at::Tensor f = at::zeros({}, opts.dtype(at::kBool));
+      invert_(x, f, false);
+      mirror_upper(x);
+      bad[j] = f.item<bool>();
+      out[j] = x;
+    }
+  });
+  for (int64_t j = 0; j < B; ++j) failed[j] = static_cast<bool>(bad[j]);
   return {out, failed};
 }
 
