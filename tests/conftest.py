@@ -32,6 +32,19 @@ def models(bench):
             "retain2": load(bench.retain["forget10"][1])}
 
 
+@pytest.fixture(scope="session")
+def sets(bench):
+    """forget10's forget and retain sets, encoded with the benchmark's tokenizer (the method tests')."""
+    import lethe.methods as lm
+    from lethe.eval.data import examples_from_qas
+    from lethe.eval.evaluator import builtin_data
+
+    tok = bench.tokenizer()
+    data = builtin_data(bench, "forget10")
+    return (lm.encode(data.forget, tok, "forget"),
+            lm.encode(examples_from_qas(bench.corpus.retain("forget10")), tok, "retain"))
+
+
 @pytest.fixture(params=backends.params())
 def backend(request):
     """The backend an op test runs on: cpu, triton (interpreted without a GPU) or cuda (see backends.py)."""

@@ -365,6 +365,22 @@ def _data(seed, B=3, T=6, masked=True):
     return x, y
 
 
+def _layer_grads(model, x, y):
+    """(inputs, output gradients) of every Linear of the nn.Sequential for the summed
+    cross-entropy of the targets (-100: none), from autograd directly."""
+    keep = y != -100
+    h, outs, ins = x, [], []
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            ins.append(h)
+            h = m(h)
+            outs.append(h)
+        else:
+            h = m(h)
+    gs = torch.autograd.grad(torch.nn.functional.cross_entropy(h[keep], y[keep], reduction="sum"), outs)
+    return ins, gs
+
+
 def _dense_factors(model, batches):
     """Per layer (A, G): the token means over every batch of a a^T (ones last) and of the output
     gradients of the summed cross-entropy, from autograd directly."""
@@ -372,16 +388,7 @@ def _dense_factors(model, batches):
     acts, grads = {i: [] for i in range(len(lins))}, {i: [] for i in range(len(lins))}
     for x, y in batches:
         keep = y != -100
-        h, outs, ins = x, [], []
-        for m in model:
-            if isinstance(m, torch.nn.Linear):
-                ins.append(h)
-                h = m(h)
-                outs.append(h)
-            else:
-                h = m(h)
-        loss = torch.nn.functional.cross_entropy(h[keep], y[keep], reduction="sum")
-        gs = torch.autograd.grad(loss, outs)
+        ins, gs = _layer_grads(model, x, y)
         for i, (a, g) in enumerate(zip(ins, gs)):
             a = a[keep].detach()
             if lins[i].bias is not None:
@@ -530,15 +537,7 @@ def test_ekfac_lambda_is_the_per_token_square_in_the_eigenbasis():
     per = {i: [] for i in range(3)}
     for x, y in batches:
         keep = y != -100
-        h, outs, ins = x, [], []
-        for m in model:
-            if isinstance(m, torch.nn.Linear):
-                ins.append(h)
-                h = m(h)
-                outs.append(h)
-            else:
-                h = m(h)
-        gs = torch.autograd.grad(torch.nn.functional.cross_entropy(h[keep], y[keep], reduction="sum"), outs)
+        ins, gs = _layer_grads(model, x, y)
         for i, (a, g) in enumerate(zip(ins, gs)):
             a = torch.cat([a[keep].detach(), torch.ones(int(keep.sum()), 1, dtype=torch.float64)], 1)
             per[i].append(torch.einsum("to,ti->toi", g[keep] @ k.layers[i].q_g, a @ k.layers[i].q_a) ** 2)

@@ -16,17 +16,6 @@ import lethe.methods as lm
 
 
 @pytest.fixture(scope="module")
-def sets(bench):
-    from lethe.eval.data import examples_from_qas
-    from lethe.eval.evaluator import builtin_data
-
-    tok = bench.tokenizer()
-    data = builtin_data(bench, "forget10")
-    return (lm.encode(data.forget, tok, "forget"),
-            lm.encode(examples_from_qas(bench.corpus.retain("forget10")), tok, "retain"))
-
-
-@pytest.fixture(scope="module")
 def evaluator(bench, models):
     from lethe.eval.evaluator import Evaluator, builtin_data
 

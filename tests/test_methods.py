@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import lethe.methods as lm
-from lethe.eval.data import examples_from_qas
 from lethe.eval.evaluator import Evaluator, builtin_data
 from lethe.methods.base import Encoded
 from lethe.methods.driver import UnlearnConfig, step_batches
@@ -21,13 +20,6 @@ from lethe.methods.driver import UnlearnConfig, step_batches
 @pytest.fixture(scope="session")
 def tok(bench):
     return bench.tokenizer()
-
-
-@pytest.fixture(scope="session")
-def sets(bench, tok):
-    data = builtin_data(bench, "forget10")
-    return (lm.encode(data.forget, tok, "forget"),
-            lm.encode(examples_from_qas(bench.corpus.retain("forget10")), tok, "retain"))
 
 
 @pytest.fixture(scope="session")

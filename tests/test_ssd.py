@@ -375,17 +375,6 @@ def test_ssd_config_errors_name_the_field():
             lm.SSDConfig(**kw)
 
 
-@pytest.fixture(scope="module")
-def sets(bench):
-    from lethe.eval.data import examples_from_qas
-    from lethe.eval.evaluator import builtin_data
-
-    tok = bench.tokenizer()
-    data = builtin_data(bench, "forget10")
-    return (lm.encode(data.forget, tok, "forget"),
-            lm.encode(examples_from_qas(bench.corpus.retain("forget10")), tok, "retain"))
-
-
 def test_ssd_refuses_a_trainer_and_a_training_loop(models, sets, tmp_path):
     from lethe.integrations.hf import UnlearnTrainer, training_arguments
 
