@@ -6,6 +6,8 @@ and the plot benchmarks/kfade_sweep.png (forget quality against utility; measure
 retain KL per step, with and without the damping adaptation); `--plot` redraws it from the JSON.
 
     .venv/bin/python benchmarks/sweep_kfade.py [--plot]    (about 8 minutes on 2 cores, benchmark built)
+    .venv/bin/python benchmarks/sweep_kfade.py --full      (the full benchmark, as `lethe demo` builds it:
+                                                            results/kfade_sweep_full.json; about 6 minutes)
 """
 import copy
 import json
@@ -14,6 +16,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "kfade_sweep.json")
+FULL_OUT = os.path.join(HERE, "results", "kfade_sweep_full.json")
 POINTS = [  # (label, config over the defaults)
     ("default (eps 0.005, 8 steps)", {}),
     ("eps 0.003, 10 steps", {"epsilon": 0.003, "steps": 10}),
@@ -29,7 +32,15 @@ POINTS = [  # (label, config over the defaults)
 ]
 
 
-def sweep():
+FULL_POINTS = [  # the full benchmark (`lethe demo`'s): the default and larger budgets
+    ("default (eps 0.005, 8 steps)", {}),
+    ("eps 0.02, 8 steps", {"epsilon": 0.02}),
+    ("eps 0.05, 8 steps", {"epsilon": 0.05}),
+    ("eps 0.02, 16 steps", {"epsilon": 0.02, "steps": 16}),
+]
+
+
+def sweep(full=False):
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     from bench_fixtures import EVAL_TEST
     from transformers import AutoModelForCausalLM
@@ -40,14 +51,20 @@ def sweep():
     from lethe.eval.evaluator import Evaluator, builtin_data
 
     load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()  # noqa: E731
-    bench = build_benchmark(EVAL_TEST, splits=("forget10",), cache=os.environ.get("LETHE_TEST_CACHE", "/tmp/ltc"),
-                            progress=False, retain_seeds=2)
+    from lethe.eval.benchmark import BenchmarkConfig
+
+    if full:  # as `lethe demo`: its cache, retain_size 200
+        bench = build_benchmark(BenchmarkConfig(), splits=("forget10",), progress=False, retain_seeds=1)
+    else:
+        bench = build_benchmark(EVAL_TEST, splits=("forget10",), cache=os.environ.get("LETHE_TEST_CACHE", "/tmp/ltc"),
+                                progress=False, retain_seeds=2)
     tok = bench.tokenizer()
     data = builtin_data(bench, "forget10")
     f = lm.encode(data.forget, tok, "forget")
     r = lm.encode(examples_from_qas(bench.corpus.retain("forget10")), tok, "retain")
     target = load(bench.target)
-    ev = Evaluator(data, tok, load(bench.retain["forget10"][0]), retain_size=100, world_size=100, progress=False)
+    size = 200 if full else 100
+    ev = Evaluator(data, tok, load(bench.retain["forget10"][0]), retain_size=size, world_size=size, progress=False)
 
     def row(label, m, res=None):
         g = ev.metrics(m)
@@ -63,12 +80,13 @@ def sweep():
     rows = [row("target", target)]
     m = copy.deepcopy(target)
     rows.append(row("npo (default)", m, lm.unlearn(m, f, r, "npo", progress=False)))
-    for label, cfg in POINTS:
+    for label, cfg in (FULL_POINTS if full else POINTS):
         m = copy.deepcopy(target)
         rows.append(row(label, m, lm.unlearn(m, f, r, "kfade", cfg, progress=False)))
         os.makedirs(os.path.dirname(OUT), exist_ok=True)
-        with open(OUT, "w") as fh:
-            json.dump({"benchmark": "reduced (tests/bench_fixtures.EVAL_TEST), forget10", "rows": rows}, fh, indent=1)
+        with open(FULL_OUT if full else OUT, "w") as fh:
+            json.dump({"benchmark": "full (lethe demo's)" if full else "reduced (tests/bench_fixtures.EVAL_TEST)",
+                       "split": "forget10", "rows": rows}, fh, indent=1)
 
 
 def plot():
@@ -105,6 +123,9 @@ def plot():
 
 
 if __name__ == "__main__":
-    if "--plot" not in sys.argv:
+    if "--full" in sys.argv:
+        sweep(full=True)
+    elif "--plot" not in sys.argv:
         sweep()
-    plot()
+    if "--full" not in sys.argv:
+        plot()

@@ -97,8 +97,10 @@ class KFADE(Method):
     uses_retain = True
     one_shot: ClassVar[bool] = True
     changes_model: ClassVar[bool] = True  # the steps are work units: a checkpoint keeps the model
-    # the built-in benchmark's point (benchmarks/RESULTS.md, K-FADE)
-    benchmark_config: ClassVar[dict] = {}
+    # `lethe demo`'s point on the full built-in benchmark (benchmarks/RESULTS.md, K-FADE): there the
+    # defaults' budget (8 x 0.005 nats of retain KL, chosen on the tests' reduced benchmark) barely
+    # moves the forget set (forget prob 0.98 -> 0.89); 8 x 0.05 brings it to 0.24
+    benchmark_config: ClassVar[dict] = {"epsilon": 0.05}
 
     def _world(self):
         import torch.distributed as dist
