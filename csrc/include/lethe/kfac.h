@@ -15,8 +15,9 @@
 //    with LAPACK's Cholesky and cholesky_inverse at leaves of <= kLeaf rows: about 4/3 n^3 flops,
 //    nearly all in GEMMs (a Cholesky followed by LAPACK's potri runs at a third of GEMM speed here).
 //    Only the lower triangle of the input is read. A leaf's failed Cholesky marks its matrix, which
-//    is inverted again in fp64. On the CPU each matrix is a loop of 2-D GEMMs on strided views
-//    (batched GEMMs on views copy there); on CUDA the batch goes through strided batched GEMMs.
+//    is inverted again in fp64. On the CPU the matrices run side by side, one per thread, each a
+//    loop of 2-D GEMMs on strided views (batched GEMMs on views copy there); on CUDA the batch goes
+//    through strided batched GEMMs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>

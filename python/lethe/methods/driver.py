@@ -285,8 +285,9 @@ def _one_shot(model, m, f, r, ckpt, checkpoint_every, resume, progress, log, lay
     (a batch of a pass over the data, on the original model), then m.finish(model), which changes
     the model. A checkpoint every `checkpoint_every` units holds the method's state (its
     accumulators) and the log; the last one, after finish, also the model, so that a resumed run
-    never repeats the change (every one, for a method whose units change the model: K-FADE). Under torch.distributed each rank keeps its own checkpoint
-    (<name>.rank<r>.pt), and a resume must have the same world size."""
+    never repeats the change (every one, for a method whose units change the model: K-FADE).
+    Under torch.distributed each rank keeps its own checkpoint (<name>.rank<r>.pt), and a resume
+    must have the same world size."""
     import torch.distributed as dist
     from tqdm.auto import tqdm
 

@@ -145,7 +145,6 @@ class KFADE(Method):
         self._forget, self._retain = forget, retain
         self._kl_set = Encoded(retain.rows[: c.kl_examples], retain.pad_id, "kl")
         self._plan = self._make_plan(retain)
-        self._model = model
 
     def units(self, forget: Encoded, retain: Encoded) -> int:
         return len(self._plan)
@@ -169,7 +168,7 @@ class KFADE(Method):
         k, bs = self._kfac, self.config.batch_size
         params = [p for l in k.layers for p in l.params()]
         dev = params[0].device
-        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in self._forget.batches(bs))
+        total = sum(len(ids) - start for ids, start in self._forget.rows)  # the answer tokens
         flags = [p.requires_grad for p in params]
         acc, loss_sum = None, 0.0
         try:
@@ -203,7 +202,7 @@ class KFADE(Method):
         dev = next(model.parameters()).device
         if kind in ("factors", "lambda"):
             if b == self._world()[0] and kind == "factors":
-                k.tokens = k.seen = 0  # a new pass: the running means start again (decay 0 on its first batch)
+                k.restart()  # a capture pass of its own, not averaged into the previous one
             batch = self._retain.batch(range(b * c.batch_size, min((b + 1) * c.batch_size, len(self._retain))), dev)
             loss = k.accumulate_lm(model, batch, into=kind)
             return {"pass": kind, "loss": loss}

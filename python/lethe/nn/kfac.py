@@ -434,13 +434,10 @@ class KFAC:
             l.lam = torch.outer(l.e_g, l.e_a).contiguous()
         self.lam_tokens = 0
 
-    def reset_lambda(self) -> None:
-        """Zeroes Lambda before an EK-FAC pass (into='lambda')."""
-        for l in self.layers:
-            if l.lam is None:
-                raise RuntimeError("KFAC: reset_lambda needs the eigenbasis: call eigen() first")
-            l.lam.zero_()
-        self.lam_tokens = 0
+    def restart(self) -> None:
+        """A new pass: the counts start again, so that the next batch replaces the factors (decay 0)
+        instead of averaging into them; the factors stay usable until then."""
+        self.tokens = self.seen = 0
 
     # ---- gradients and steps
 
