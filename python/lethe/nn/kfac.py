@@ -314,32 +314,28 @@ class KFAC:
         import torch.distributed as dist
 
         n = self.tokens if what == "factors" else self.lam_tokens
-        mean = self.average == "mean"
-        wa, wg = (float(self.seen), float(n)) if mean else (1.0, 1.0)  # A by positions, G / Lambda by tokens
-        mats = [t for l in self.layers for t in ((l.A, l.G) if what == "factors" else (l.lam,))]
-        parts, ws = [], []
-        for i, t in enumerate(mats):
-            if what == "factors":  # (A, G) per layer
-                iu = torch.triu_indices(t.shape[0], t.shape[0], device=t.device)
-                parts.append(t[iu[0], iu[1]])
-                ws.append(wa if i % 2 == 0 else wg)
-            else:
-                parts.append(t.reshape(-1))
-                ws.append(wg)
-        dev = mats[0].device
-        buf = torch.cat([p * w for p, w in zip(parts, ws)] + [torch.tensor([wa, wg], dtype=self.dtype, device=dev)])
+        # (matrix, its upper-triangle indices or None, its weight's slot): A by positions, G and
+        # Lambda by loss tokens (an EMA: every rank weighs 1)
+        if what == "factors":
+            jobs = [(t, torch.triu_indices(t.shape[0], t.shape[0], device=t.device), slot)
+                    for l in self.layers for t, slot in ((l.A, 0), (l.G, 1))]
+        else:
+            jobs = [(l.lam, None, 1) for l in self.layers]
+        dev = jobs[0][0].device
+        w = [float(self.seen), float(n)] if self.average == "mean" else [1.0, 1.0]
+        parts = [(t[iu[0], iu[1]] if iu is not None else t.reshape(-1)) * w[slot] for t, iu, slot in jobs]
+        buf = torch.cat(parts + [torch.tensor(w, dtype=self.dtype, device=dev)])
         cnt = torch.tensor([float(n), float(self.seen)], dtype=torch.float64, device=dev)
         dist.all_reduce(buf, group=self.process_group)
         dist.all_reduce(cnt, group=self.process_group)
-        if float(buf[-1]) == 0 or float(buf[-2]) == 0:
+        total = buf[-2:].tolist()  # the ranks' weights summed
+        if min(total[slot] for _, _, slot in jobs) == 0:
             raise ValueError("KFAC.reduce: no rank accumulated a token")
         off = 0
-        for i, (t, p) in enumerate(zip(mats, parts)):
-            total_w = float(buf[-2]) if (what == "factors" and i % 2 == 0) else float(buf[-1])
-            v = buf[off: off + p.numel()] / total_w  # (the ranks' weights summed)
+        for (t, iu, slot), p in zip(jobs, parts):
+            v = buf[off: off + p.numel()] / total[slot]
             off += p.numel()
-            if what == "factors":
-                iu = torch.triu_indices(t.shape[0], t.shape[0], device=t.device)
+            if iu is not None:
                 t.zero_()
                 t[iu[0], iu[1]] = v
                 t.copy_(torch.triu(t) + torch.triu(t, 1).T)
