@@ -23,7 +23,8 @@ import torch
 from lethe.eval.corpus import QA, SPLITS, Corpus, CorpusConfig, make_corpus, positive_ints
 from lethe.eval.data import PROMPT, pad_batch
 
-__all__ = ["TrainConfig", "BenchmarkConfig", "Benchmark", "build_benchmark", "cache_dir", "encode_qa",
+__all__ = ["TrainConfig", "BenchmarkConfig", "Benchmark", "build_benchmark", "build_stream_reference", "cache_dir",
+           "encode_qa",
            "train_tokenizer", "train_model"]
 
 FORMAT = 1  # bump when the cached layout or the recipe's meaning changes
@@ -285,3 +286,26 @@ def build_benchmark(config: BenchmarkConfig | None = None, splits=("forget10",),
                                      desc=f"retain model ({split}, seed {s0 + i})")
                          for i in range(retain_seeds)]
     return Benchmark(config, corpus, root, tok_dir, target, retain)
+
+
+def build_stream_reference(bench: Benchmark, requests, progress: bool = True, seed: int | None = None) -> Path:
+    """The model retrained from scratch without every fact the `requests` (a built-in stream,
+    lethe.eval.stream.make_stream) ask to forget: the benchmark's recipe on the rest of the
+    corpus (a person requested with half of their facts keeps the other half). Cached beside the
+    benchmark's models, keyed by the removed facts."""
+    gone = sorted({f for q in requests for f in q.facts})
+    if not gone:
+        raise ValueError("requests: they name no fact of the corpus (not a built-in stream)")
+    known = {(qa.subject, qa.attribute) for p in bench.corpus.people for qa in bench.corpus.person_facts[p]}
+    missing = [f for f in gone if tuple(f) not in known]
+    if missing:
+        raise ValueError(f"requests: fact {missing[0]} is not in this benchmark's corpus")
+    drop = set(map(tuple, gone))
+    qas = [qa for p in bench.corpus.people for qa in bench.corpus.person_facts[p]
+           if (qa.subject, qa.attribute) not in drop] + list(bench.corpus.world)
+    s = bench.config.seed if seed is None else seed
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bench.tokenizer_dir)
+    return train_model(qas, tok, bench.config.train, s, bench.root / f"retain-stream-{_key(gone)}-seed{s}",
+                       progress, desc=f"retrained without the stream's {len(gone)} facts")

@@ -120,9 +120,10 @@ class Scorer:
             self.model.train(was)
 
     @torch.no_grad()
-    def token_stats(self, prompts: Sequence[str], answers: Sequence[str]):
+    def token_stats(self, prompts: Sequence[str], answers: Sequence[str], hits: bool = False):
         """Per-token statistics of the answer tokens given the prompt: (label log-prob, mu, var,
-        mask), each [n, L] (L the longest answer), on the CPU."""
+        mask), each [n, L] (L the longest answer), on the CPU; with hits=True also a fifth,
+        argmax == label (teacher-forced greedy hits)."""
         from lethe.integrations import hf
         from lethe.ops import token_stats
 
@@ -131,6 +132,7 @@ class Scorer:
         lp = torch.zeros(len(enc), L)
         mu, var = torch.zeros(len(enc), L), torch.zeros(len(enc), L)
         mask = torch.zeros(len(enc), L, dtype=torch.bool)
+        hit = torch.zeros(len(enc), L, dtype=torch.bool)
         dev = self._device()
         for rows in self._batches([len(x) for x, _ in enc]):
             ids, labels, att = pad_batch([enc[i] for i in rows], self.pad)
@@ -142,11 +144,12 @@ class Scorer:
             st = token_stats(hidden[:, :-1][keep], w, lab[keep], bias, backend=self.backend)
             counts = keep.sum(1).tolist()
             for r, part in enumerate(zip(*(t.cpu().split(counts) for t in
-                                          (st.label_logprob, st.mean_logprob, st.var_logprob)))):
+                                          (st.label_logprob, st.mean_logprob, st.var_logprob,
+                                           st.argmax == lab[keep])))):
                 i, n = rows[r], counts[r]
-                lp[i, :n], mu[i, :n], var[i, :n] = part
+                lp[i, :n], mu[i, :n], var[i, :n], hit[i, :n] = part
                 mask[i, :n] = True
-        return lp, mu, var, mask
+        return (lp, mu, var, mask, hit) if hits else (lp, mu, var, mask)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

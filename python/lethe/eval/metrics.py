@@ -36,6 +36,7 @@ __all__ = [
     "truth_ratio", "truth_ratio_score", "truth_ratio_forget_score", "forget_quality",
     "model_utility", "loss_score", "zlib_score", "min_k_score", "min_k_plus_plus_score",
     "logprob_moments", "auc", "priv_leak", "durability_certificate", "q_int4", "FOUR_BIT_PRESETS",
+    "fit_score", "forget_degree", "retain_utility", "token_accuracy",
 ]
 
 #: Names of lethe's 4-bit quantisation presets (lethe.ops.quant.PRESETS with bits=4), used by q_int4.
@@ -562,3 +563,56 @@ def q_int4(forget_scores: Mapping[str, float]) -> float:
         raise ValueError(f"forget_scores has no 4-bit preset entry (expected one of {list(FOUR_BIT_PRESETS)}), "
                          f"got {list(scores)}")
     return max(four)
+
+
+# ----------------------------------------------------------------------------------------------
+# FIT (continual unlearning, 2026): the score and the two degrees against the reference
+# ----------------------------------------------------------------------------------------------
+
+def _fraction(x: Any, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(float(x)) or not 0.0 <= float(x) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {x!r}")
+    return float(x)
+
+
+def fit_score(prob: float, rouge: float, acc: float) -> float:
+    """FIT's score of a model on a set: Score = 100 * cbrt(Prob * ROUGE-L * Acc), the geometric mean
+    of the answer probability, the ROUGE-L recall of the greedy answer and the accuracy (each in
+    [0, 1], set means), in [0, 100]."""
+    p, r, a = _fraction(prob, "prob"), _fraction(rouge, "rouge"), _fraction(acc, "acc")
+    return 100.0 * (p * r * a) ** (1.0 / 3.0)
+
+
+def _degree(value: Any, reference: Any, vname: str, rname: str) -> float:
+    for x, n in ((value, vname), (reference, rname)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(float(x)) or float(x) < 0:
+            raise ValueError(f"{n} must be a number >= 0, got {x!r}")
+    v, r = float(value), float(reference)
+    if r == 0.0:  # the ratio is undefined: full degree only for an exact match
+        return 1.0 if v == 0.0 else 0.0
+    return max(0.0, 1.0 - abs(v / r - 1.0))
+
+
+def forget_degree(forget_score: float, reference_score: float) -> float:
+    """FIT's Forget Degree F.D. = max(0, 1 - |F / F_ref - 1|): 1 when the forget score F (over
+    everything requested so far) equals the reference's, falling linearly with the relative gap
+    either way (forgetting too little or too much). F_ref = 0 gives 1 for F = 0, else 0."""
+    return _degree(forget_score, reference_score, "forget_score", "reference_score")
+
+
+def retain_utility(retain_score: float, reference_score: float) -> float:
+    """FIT's Retain Utility R.U. = max(0, 1 - |R / R_ref - 1|), R the retain score and R_ref the
+    reference's (R_ref = 0 gives 1 for R = 0, else 0)."""
+    return _degree(retain_score, reference_score, "retain_score", "reference_score")
+
+
+def token_accuracy(hits: Any, mask: Any) -> np.ndarray:
+    """Per example, the teacher-forced accuracy of the answer: the fraction of the valid tokens
+    whose greedy next-token prediction (the argmax given the true prefix) is the answer's token.
+    hits [B, T] (bool or 0/1: argmax == label), mask [B, T] -> [B] in [0, 1]."""
+    if hasattr(hits, "dtype") and str(hits.dtype) in ("torch.bool", "bool"):
+        hits = hits.to(dtype=__import__("torch").float64) if hasattr(hits, "to") else hits.astype(np.float64)
+    h, m, count = _token_inputs(hits, mask)
+    if not np.isin(h[m], (0.0, 1.0)).all():
+        raise ValueError("hits must be 0/1 (or bool) on the masked tokens")
+    return np.where(m, h, 0.0).sum(axis=1) / count
