@@ -49,10 +49,10 @@ def default_run(models, sets):
 
 
 def test_registry_lists_every_method_and_refuses_unknown_names():
-    assert lm.available() == ["ga", "graddiff", "npo", "simnpo", "shred", "saf", "gu", "ssd", "kfade"]
+    assert lm.available() == ["ga", "graddiff", "npo", "simnpo", "shred", "saf", "gu", "ssd", "kfade", "fit"]
     assert lm.get("npo") is lm.NPO and lm.get("npo").Config().beta == 0.1
     from lethe.demo import default_methods
-    assert "kfade" in default_methods() and "ssd" in default_methods()
+    assert "kfade" in default_methods() and "ssd" in default_methods() and "fit" not in default_methods()
     assert lm.get("npo+gu") is lm.GU and lm.make_method("graddiff+gu").config.base == "graddiff"
     assert lm.make_method("npo+gu").label == "npo+gu" and lm.make_method("gu").label == "npo+gu"
     with pytest.raises(ValueError, match=r"method 'npo\+saf': 'saf' is not a plug-in method \(the plug-ins: \['gu'\]\)"):

@@ -215,6 +215,9 @@ def unlearn(model, forget, retain=None, method: Union[str, Method] = "npo", conf
     matching parameters are trained, the others are frozen for the run.
     `stop_after` ends the call after that many steps of this call (to test resumption)."""
     m = make_method(method, config)
+    if getattr(m, "continual", False):
+        raise ValueError(f"method {m.label!r} is continual: it handles a stream of requests (method.bind(model, "
+                         "tokenizer, retain=...).handle(request), or lethe unlearn --requests FILE), not one forget set")
     if m.one_shot and (train is not None or train_overrides):
         given = "train" if train is not None else sorted(train_overrides)[0]
         raise ValueError(f"{given}: method {m.label!r} trains nothing (one-shot: no optimiser settings); give its "
