@@ -42,6 +42,16 @@ def _eval_parser(sub):
                    help="prompt template of question lines, with {q} (default 'Question: {q}\\nAnswer:')")
     e.add_argument("--batch-size", type=int, default=256, help="sequences per forward pass (default 256)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--continual", action="store_true",
+                   help="the continual evaluation instead (FIT's): a stream of deletion requests on the built-in "
+                        "benchmark, handled by each of --methods from the target model, with the Forget Degree and "
+                        "Retain Utility every --every requests; writes continual.json, continual.png and each "
+                        "method's scores and request log to --out (resumable)")
+    e.add_argument("--methods", default="fit,npo,graddiff",
+                   help="with --continual: comma-separated methods (fit, or gradient methods run request by request; "
+                        "default fit,npo,graddiff)")
+    e.add_argument("--every", type=int, default=5, help="with --continual: requests between scores (default 5)")
+    e.add_argument("--requests", type=int, default=30, help="with --continual: requests in the stream (default 30)")
 
 
 def main(argv=None) -> int:

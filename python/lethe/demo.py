@@ -93,12 +93,18 @@ def _write_json(path: Path, d) -> None:
     _write(path, json.dumps(d, indent=1).encode())
 
 
+# the demo's continual part: a short stream, FIT against these run request by request
+STREAM_BASELINES = ("npo", "graddiff")
+STREAM_REQUESTS = 10
+STREAM_EVERY = 5
+
+
 def default_methods() -> list:
     """Every registered method (the gradient methods, then SSD), then each plug-in on NPO and on GradDiff
     (npo+gu, graddiff+gu)."""
     import lethe.methods as lm
 
-    names = lm.available()
+    names = [n for n in lm.available() if not getattr(lm.get(n), "continual", False)]  # FIT: the stream part
     plugins = [n for n in names if lm.get(n).plugin]
     return [n for n in names if n not in plugins] + [f"{b}+{p}" for p in plugins for b in ("npo", "graddiff")]
 
@@ -117,6 +123,13 @@ def run_demo(out="lethe-demo", methods=None, split: str = "forget10", cache=None
     names = default_methods() if methods is None else list(methods)
     for n in names:
         lm.get(n)  # an unknown name lists the known ones, before any work
+    # the continual methods (FIT) run on a short stream of requests, beside the baselines run request by request
+    streamed = [n for n in names if getattr(lm.get(n), "continual", False)]
+    if methods is None:
+        streamed = [n for n in lm.available() if getattr(lm.get(n), "continual", False)]
+    names = [n for n in names if n not in streamed]
+    if streamed:
+        streamed += [b for b in STREAM_BASELINES if b not in streamed]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} exists and is not a directory")
@@ -168,13 +181,29 @@ def run_demo(out="lethe-demo", methods=None, split: str = "forget10", cache=None
         ckpt = out / "runs" / name / lm.driver.CHECKPOINT
         ckpt.unlink(missing_ok=True)  # the report holds what the run produced
     table = leaderboard(rows)
+    stream = None
+    if streamed:
+        from lethe.eval.continual import run_continual
+        from lethe.eval.stream import StreamConfig
+
+        echo(f"  the continual part: {', '.join(streamed)} on a stream of {STREAM_REQUESTS} deletion requests ...")
+        stream = run_continual(out / "continual", streamed, bench=bench,
+                               stream_config=StreamConfig(requests=STREAM_REQUESTS, seed=seed), every=STREAM_EVERY,
+                               retain_size=retain_size, progress=progress, echo=echo)
     summary = {"benchmark": {"config": dataclasses.asdict(cfg), "split": split, "corpus_sha256": bench.corpus.digest()},
-               "methods": names, "rows": rows, "seconds": time.perf_counter() - t0}
+               "methods": names, "rows": rows, "seconds": time.perf_counter() - t0,
+               "continual": None if stream is None else {k: stream[k] for k in ("requests", "every", "mean")}}
     _write_json(out / "demo.json", summary)
-    paths = [out / "demo.json"] + _plots(rows, out)
+    paths = [out / "demo.json"] + _plots(rows, out) + ([Path(stream["plot"])] if stream else [])
     echo("")
     echo(table)
     echo("")
+    if stream:
+        echo(f"continual unlearning, {stream['requests']} requests (mean over the checkpoints every {stream['every']}; "
+             "1 is the retrained reference):")
+        for n, m in stream["mean"].items():
+            echo(f"  {n:<10} Forget Degree {m['forget_degree']:.3f}  Retain Utility {m['retain_utility']:.3f}")
+        echo("")
     echo("forget prob / exact: the forget set's answer probability and greedy exact match (lower: more forgotten); "
          "forget quality: KS p-value of the truth ratios against the retain model (higher: closer to never having "
          "learnt); utility: retain + world facts; MIA AUC: Min-K%++ forget vs holdout (0.5 is ideal); exact @int4 and "

@@ -59,6 +59,9 @@ def _run(a) -> int:
     from lethe.eval.data import DataError, load_jsonl
     from lethe.eval.evaluator import EvalData, Evaluator, RelearnConfig
 
+    if a.continual:
+        return _run_continual(a)
+
     attacks = tuple(x.strip() for x in a.attacks.split(",") if x.strip())
     for x in attacks:
         if x not in ("quant", "relearn"):
@@ -119,4 +122,47 @@ def _run(a) -> int:
         raise UsageError(str(e)) from None
     print(report.table())
     print(f"saved to {out}/: " + ", ".join(sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp"))))
+    return 0
+
+
+def _run_continual(a) -> int:
+    from lethe.eval.benchmark import BenchmarkConfig, build_benchmark
+    from lethe.eval.continual import continual_runner, run_continual
+    from lethe.eval.corpus import CorpusConfig
+    from lethe.eval.stream import StreamConfig
+
+    own = [x for x in ("model", "reference", "forget", "retain", "holdout", "world") if getattr(a, x) is not None]
+    if own:
+        raise UsageError(f"--continual runs on the built-in benchmark from its target model; --{own[0]} is not taken "
+                         "(run your own stream with lethe unlearn --requests)")
+    if a.attacks:
+        raise UsageError("--attacks: not taken with --continual")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--methods: expected at least one method")
+    for m in methods:
+        try:
+            continual_runner(m)
+        except ValueError as e:
+            raise UsageError(f"--methods: {e}") from None
+    if a.every < 1:
+        raise UsageError(f"--every must be >= 1, got {a.every}")
+    try:
+        sc = StreamConfig(requests=a.requests, seed=a.seed)
+    except ValueError as e:
+        raise UsageError(f"--requests: {e}") from None
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {a.out!r} exists and is not a directory")
+    bench = build_benchmark(BenchmarkConfig(corpus=CorpusConfig(seed=a.seed), seed=a.seed), splits=(), cache=a.cache,
+                            progress=not a.no_progress, retain_seeds=0)
+    try:
+        res = run_continual(out, methods, bench=bench, stream_config=sc, every=a.every, retain_size=a.retain_size,
+                            progress=not a.no_progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"{'method':<10} {'mean F.D.':>10} {'mean R.U.':>10}")
+    for n, m in res["mean"].items():
+        print(f"{n:<10} {m['forget_degree']:>10.3f} {m['retain_utility']:>10.3f}")
+    print(f"saved to {out}/: continual.json, continual.png, " + ", ".join(f"{n}.json" for n in methods))
     return 0

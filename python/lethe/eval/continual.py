@@ -6,9 +6,13 @@ the Retain Utility R.U. = max(0, 1 - |R/R_ref - 1|).
 Scoring, without the slips of the authors' code: Acc is the forget set's or retain set's own
 accuracy (never the other's), every example keeps its own question with its own answer, and
 ROUGE-L scores the greedy continuation only, never the prompt with it. Prob is the length-
-normalised answer probability (TOFU's), ROUGE-L the recall of the greedy answer (TOFU's), Acc the
+normalised answer probability, ROUGE-L the F-measure of the greedy answer (stemmed), Acc the
 teacher-forced token accuracy of the answer (the argmax given the true prefix; lethe.ops.token_stats
-gives the argmax with the log-probabilities in one fused pass).
+gives the argmax with the log-probabilities in one fused pass): the authors' code's three (github.com/
+XiaoyuXU1/FIT, Evaluations/evaluator.py), on question/answer pairs.
+
+The authors' reference interpolates both F and R linearly between the fine-tuned model's and the
+retain model's scores on the whole split; lethe measures F_ref instead, as follows.
 
 The reference. After k of N requests the ideal model is the one retrained without the first k
 requests' facts. Its forget score on those facts is, to the noise floor, the score of the model
@@ -34,6 +38,7 @@ from lethe.eval import metrics as M
 from lethe.eval.data import Example
 
 __all__ = ["ContinualEvaluator", "set_score", "builtin_continual", "plot_curves", "run_continual", "continual_runner",
+           "stream_attacks",
            "BASELINE_TRAIN"]
 
 
@@ -44,9 +49,10 @@ def set_score(scorer, examples: Sequence[Example]) -> dict:
     lp, _, _, mask, hit = scorer.token_stats(prompts, answers, hits=True)
     gens = scorer.generate(prompts, int(mask.sum(1).max()) + 2)
     prob = float(np.mean(M.answer_probability(lp, mask)))
-    rouge = float(np.mean(M.rouge_l_recall(gens, answers)))
+    rouge = float(np.mean(M.rouge_l_fmeasure(gens, answers)))
     acc = float(np.mean(M.token_accuracy(hit, mask)))
     return {"prob": prob, "rouge": rouge, "acc": acc, "score": M.fit_score(prob, rouge, acc),
+            "rouge_recall": float(np.mean(M.rouge_l_recall(gens, answers))),
             "exact": float(np.mean(M.exact_match(gens, answers)))}
 
 
@@ -146,6 +152,30 @@ def builtin_continual(bench, requests, *, retain_size: int = 200, retrained=None
                               forget_set=forget_set, batch_size=batch_size, backend=backend)
 
 
+def stream_attacks(bench, requests, model, retrained, retain_size: int = 200, progress: bool = False) -> dict:
+    """The quantisation and relearning attacks after a stream (lethe.eval.Evaluator): the forget set
+    is every fact the requests asked for, the reference the all-requests retrained model. Returns
+    the forget exact match natively, under paper-int4, the worst 4-bit (Q-INT4) and after relearning
+    on half of each requested person's facts, with the retain utility and forget quality."""
+    from lethe.eval.data import examples_from_qas
+    from lethe.eval.evaluator import EvalData, Evaluator
+
+    corpus = bench.corpus
+    asked = {f for q in requests for f in q.facts}
+    people = {s for s, _ in asked}
+    forget = [qa for p in corpus.people for qa in corpus.person_facts[p] if (qa.subject, qa.attribute) in asked]
+    retain = [qa for p in corpus.people if p not in people for qa in corpus.person_facts[p]]
+    data = EvalData(examples_from_qas(forget), examples_from_qas(retain), examples_from_qas(corpus.holdout),
+                    examples_from_qas(corpus.world))
+    ev = Evaluator(data, bench.tokenizer(), retrained, retain_size=retain_size, world_size=retain_size,
+                   progress=progress)
+    r = ev.evaluate(model, attacks=("quant", "relearn")).results
+    return {"forget_exact": r["native"]["forget"]["exact"], "forget_prob": r["native"]["forget"]["prob"],
+            "model_utility": r["native"]["model_utility"], "forget_quality": r["native"].get("forget_quality"),
+            "exact_paper_int4": r["quant"]["presets"]["paper-int4"]["forget"]["exact"], "q_int4": r["quant"]["q_int4"],
+            "exact_relearnt": r["relearn"]["after"]["exact"], "exact_before_relearning": r["relearn"]["before"]["exact"]}
+
+
 def plot_curves(curves: dict, path) -> Path:
     """F.D. and R.U. against the number of requests, one line per method: curves[name] is a list
     of checkpoint dicts (ContinualEvaluator.checkpoint)."""
@@ -190,9 +220,10 @@ def continual_runner(name: str, config=None):
 
 
 def run_continual(out, methods=("fit", "npo", "graddiff"), *, bench=None, stream_config=None, every: int = 5,
-                  cache=None, retain_size: int = 200, progress: bool = True, echo=print) -> dict:
+                  cache=None, retain_size: int = 200, attacks: bool = True, progress: bool = True, echo=print) -> dict:
     """Runs each method over the built-in stream from the target model, scoring every `every`
-    requests; writes out/<method>.json (the checkpoints' scores and every request's log entry),
+    requests, then (attacks=True) the quantisation and relearning attacks on the final model
+    (stream_attacks); writes out/<method>.json (the checkpoints' scores, the attacks and every request's log entry),
     out/continual.json and out/continual.png. Resumable: a method's run checkpoints after each
     request under out/<method>/, its scores after each checkpoint, and a finished method is kept."""
     from transformers import AutoModelForCausalLM
@@ -219,12 +250,12 @@ def run_continual(out, methods=("fit", "npo", "graddiff"), *, bench=None, stream
     retain = examples_from_qas([qa for p in bench.corpus.people if p not in asked for qa in bench.corpus.person_facts[p]])
     from tqdm.auto import tqdm
 
-    curves, logs = {}, {}
+    curves, logs, attacked = {}, {}, {}
     for name in methods:
         path = out / f"{name}.json"
         done = json.loads(path.read_text()) if path.exists() else {"checkpoints": []}
         if done.get("complete"):
-            curves[name], logs[name] = done["checkpoints"], done["requests"]
+            curves[name], logs[name], attacked[name] = done["checkpoints"], done["requests"], done.get("attacks")
             echo(f"  {name}: done before, kept")
             continue
         model = load(bench.target)
@@ -241,12 +272,14 @@ def run_continual(out, methods=("fit", "npo", "graddiff"), *, bench=None, stream
                                         indent=1).encode())
         bar.close()
         curves[name], logs[name] = pts, run.requests_log
-        _write(path, json.dumps({"checkpoints": pts, "requests": run.requests_log, "complete": True}, indent=1).encode())
+        attacked[name] = stream_attacks(bench, stream, model, ev.retrained, retain_size) if attacks else None
+        _write(path, json.dumps({"checkpoints": pts, "requests": run.requests_log, "attacks": attacked[name],
+                                 "complete": True}, indent=1).encode())
         last = pts[-1]
         echo(f"  {name}: after {last['requests']} requests F.D. {last['forget_degree']:.3f}, R.U. "
              f"{last['retain_utility']:.3f} (F {last['F']:.1f} vs {last['F_ref']:.1f}, R {last['R']:.1f} vs "
              f"{last['R_ref']:.1f})")
-    summary = {"requests": len(stream), "every": every, "curves": curves,
+    summary = {"requests": len(stream), "every": every, "curves": curves, "attacks": attacked,
                "mean": {n: {k: float(np.mean([p[k] for p in c])) for k in ("forget_degree", "retain_utility")}
                         for n, c in curves.items()}}
     _write(out / "continual.json", json.dumps(summary, indent=1).encode())

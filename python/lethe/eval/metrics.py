@@ -36,7 +36,7 @@ __all__ = [
     "truth_ratio", "truth_ratio_score", "truth_ratio_forget_score", "forget_quality",
     "model_utility", "loss_score", "zlib_score", "min_k_score", "min_k_plus_plus_score",
     "logprob_moments", "auc", "priv_leak", "durability_certificate", "q_int4", "FOUR_BIT_PRESETS",
-    "fit_score", "forget_degree", "retain_utility", "token_accuracy",
+    "fit_score", "forget_degree", "retain_utility", "token_accuracy", "rouge_l_fmeasure",
 ]
 
 #: Names of lethe's 4-bit quantisation presets (lethe.ops.quant.PRESETS with bits=4), used by q_int4.
@@ -220,6 +220,18 @@ def rouge_l_recall(predictions: Any, references: Any, *, use_stemmer: bool = Tru
     p, r = _paired_strings(predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=bool(use_stemmer))
     return np.array([scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(p, r)], dtype=np.float64)
+
+
+def rouge_l_fmeasure(predictions: Any, references: Any, *, use_stemmer: bool = True) -> np.ndarray:
+    """ROUGE-L F-measure per pair (rouge-score's `["rougeL"].fmeasure`, stemmed): the harmonic mean
+    of LCS recall and precision, what FIT's score uses (its authors' code: rouge_scorer rougeL
+    fmeasure, use_stemmer=True). Penalises a continuation longer than the reference, as recall
+    does not. An empty reference or prediction scores 0."""
+    from rouge_score import rouge_scorer
+
+    p, r = _paired_strings(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=bool(use_stemmer))
+    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(p, r)], dtype=np.float64)
 
 
 def exact_match(predictions: Any, references: Any) -> np.ndarray:
@@ -577,8 +589,8 @@ def _fraction(x: Any, name: str) -> float:
 
 def fit_score(prob: float, rouge: float, acc: float) -> float:
     """FIT's score of a model on a set: Score = 100 * cbrt(Prob * ROUGE-L * Acc), the geometric mean
-    of the answer probability, the ROUGE-L recall of the greedy answer and the accuracy (each in
-    [0, 1], set means), in [0, 100]."""
+    of the answer probability, the ROUGE-L F-measure of the greedy answer and the teacher-forced
+    token accuracy (each in [0, 1], set means), in [0, 100]."""
     p, r, a = _fraction(prob, "prob"), _fraction(rouge, "rouge"), _fraction(acc, "acc")
     return 100.0 * (p * r * a) ** (1.0 / 3.0)
 

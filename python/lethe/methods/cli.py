@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from lethe.eval.cli import UsageError, _load_model, guarded
@@ -28,7 +29,13 @@ def add_parser(sub) -> None:
                     "checkpoints count its work units (batches, and kfade's Gauss-Newton steps).")
     u.add_argument("--method", required=True, help=f"the method ({', '.join(available())}, or BASE+gu)")
     u.add_argument("--model", required=True, help="a Hugging Face causal LM directory (with its tokenizer)")
-    u.add_argument("--forget", required=True, help="JSONL file of the forget set ({\"question\",\"answer\"} lines)")
+    u.add_argument("--forget", default=None,
+                   help="JSONL file of the forget set ({\"question\",\"answer\"} lines); or --requests")
+    u.add_argument("--requests", default=None,
+                   help="JSONL file of deletion requests, one per line ({\"facts\": [{\"question\",\"answer\"}, ...]}, "
+                        "{\"question\",\"answer\"} or {\"text\"}), handled one at a time (continual unlearning: fit, "
+                        "or a gradient method request by request); the model and the request log are saved after "
+                        "each request, and --resume continues with the requests not yet handled")
     u.add_argument("--retain", default=None, help="JSONL file of the retain set (for the methods that use one)")
     u.add_argument("--out", required=True, help="directory for the unlearned model, run.json and the checkpoint")
     u.add_argument("--steps", type=int, default=None, help=f"optimiser steps{per} {d.steps})")
@@ -96,6 +103,10 @@ def _run(a) -> int:
         cls = lm.get(a.method)
     except ValueError as e:
         raise UsageError(f"--method: {e}") from None
+    if (a.forget is None) == (a.requests is None):
+        raise UsageError("give one of --forget (a forget set) and --requests (a stream of deletion requests)")
+    if a.requests is not None or getattr(cls, "continual", False):
+        return _run_requests(a, cls)
     try:
         method = lm.make_method(a.method, method_overrides(cls, a.set))
         given = {k: getattr(a, k) for k in ("steps", "lr", "batch_size", "warmup", "clip", "seed")
@@ -153,4 +164,76 @@ def _run(a) -> int:
     print(f"unlearnt with {method.label} in {res.seconds:.1f} s ({len(res.log)} steps); last step: "
           + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}))
     print(f"saved to {out}/")
+    return 0
+
+
+def _run_requests(a, cls) -> int:
+    """--requests: each request handled in turn by a continual method (fit) or by a gradient
+    method request by request; after each request the model, the method state and the log are
+    checkpointed in --out, and requests.log.jsonl gets the request's entry."""
+    import lethe.methods as lm
+    from lethe.eval.data import DataError, load_jsonl
+    from lethe.eval.stream import load_requests
+    from tqdm.auto import tqdm
+
+    if a.requests is None:
+        raise UsageError(f"--requests: method {a.method!r} is continual: it handles a file of deletion requests, "
+                         "not --forget")
+    if cls.one_shot:
+        raise UsageError(f"--method: {a.method!r} is one-shot; --requests takes fit or a gradient method")
+    given = {k: getattr(a, k) for k in ("steps", "lr", "batch_size", "warmup", "clip", "seed")
+             if getattr(a, k) is not None}
+    try:
+        if getattr(cls, "continual", False):
+            if given:
+                raise UsageError(f"--{next(iter(given)).replace('_', '-')}: method {a.method!r} takes its settings as "
+                                 f"--set KEY=VALUE of {sorted(f.name for f in dataclasses.fields(cls.Config))}")
+            run = lm.make_method(a.method, method_overrides(cls, a.set))
+        else:
+            run = lm.Sequential(a.method, method_overrides(cls, a.set) or None, **given)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {a.out!r} exists and is not a directory")
+    from lethe.methods.continual import CONTINUAL_CHECKPOINT
+
+    if (out / CONTINUAL_CHECKPOINT).exists() and not a.resume:
+        raise UsageError(f"--out: {a.out!r} holds a run's checkpoint; --resume continues it (or choose another "
+                         "directory)")
+    try:
+        requests = load_requests(a.requests, a.template)
+        retain = load_jsonl(a.retain, a.template, "--retain") if a.retain else None
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    needs = run._needs_retain()
+    if needs and retain is None:
+        raise UsageError(f"--retain: method {run.label!r} needs a retain set")
+    model, tok = _load_model(a.model, "--model")
+    try:
+        run.bind(model, tok, retain=retain, checkpoint_dir=out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    done = set(run.handled())
+    bar = tqdm(total=len(requests), initial=sum(q.id in done for q in requests), desc=f"{run.label}: requests",
+               disable=a.no_progress, dynamic_ncols=True)
+    log = out / "requests.log.jsonl"
+    for q in requests:
+        if q.id in done:
+            continue
+        try:
+            run.handle(q)
+        except (ValueError, FloatingPointError) as e:
+            raise UsageError(f"request {q.id!r}: {e}") from None
+        tmp = log.with_name(log.name + ".tmp")  # the whole log, so that it always matches the checkpoint
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in run.requests_log), encoding="utf-8")
+        os.replace(tmp, log)
+        bar.update(1)
+    bar.close()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "run.json").write_text(json.dumps({"method": run.label, "config": dataclasses.asdict(run.config),
+                                              "requests": run.requests_log, "model": str(Path(a.model).resolve()),
+                                              "requests_file": a.requests, "retain": a.retain}, indent=1))
+    print(f"handled {len(run.requests_log)} requests with {run.label}; saved to {out}/")
     return 0
