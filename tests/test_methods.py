@@ -460,10 +460,17 @@ def test_demo_runs_evaluates_and_resumes(bench, tmp_path, monkeypatch):
     from bench_fixtures import EVAL_TEST
     from lethe.demo import run_demo
 
+    import lethe.demo
+    # the continual part on the tests' stream (its retrained reference is cached), FIT alone
+    monkeypatch.setattr(lethe.demo, "STREAM_REQUESTS", 30)
+    monkeypatch.setattr(lethe.demo, "STREAM_EVERY", 15)
+    monkeypatch.setattr(lethe.demo, "STREAM_BASELINES", ())
     lines = []
     out = tmp_path / "demo"
-    res = run_demo(out, methods=["npo", "shred", "ssd"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
+    res = run_demo(out, methods=["npo", "shred", "ssd", "fit"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
                    progress=False, retain_size=60, echo=lines.append)
+    assert any("Forget Degree" in x for x in lines) and (out / "continual" / "continual.png").exists()
+    assert json.loads((out / "demo.json").read_text())["continual"]["requests"] == 30
     names = [r["name"] for r in res["rows"]]
     assert names == ["target", "retain", "npo", "shred", "ssd"]
     ssd = res["rows"][4]  # the one-shot method: its benchmark point, no optimiser settings
@@ -481,9 +488,9 @@ def test_demo_runs_evaluates_and_resumes(bench, tmp_path, monkeypatch):
     # an interrupted demo continues: finished methods are kept, not run again
     (out / "reports" / "shred.json").unlink()
     lines.clear()
-    run_demo(out, methods=["npo", "shred", "ssd"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
+    run_demo(out, methods=["npo", "shred", "ssd", "fit"], cache=bench.root.parent.parent, bench_config=EVAL_TEST,
              progress=False, retain_size=60, echo=lines.append)
-    assert any("npo: done before, kept" in x for x in lines)
+    assert any("npo: done before, kept" in x for x in lines) and any("fit: done before, kept" in x for x in lines)
     assert any("shred: unlearning" in x for x in lines)
 
 
