@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from lethe.eval.data import PROMPT, DataError, Example
+from lethe.eval.data import PROMPT, DataError, Example, jsonl_rows
 
 __all__ = ["Request", "StreamConfig", "make_stream", "load_requests", "save_requests", "text_chunks", "text_example",
            "requested_people"]
@@ -111,8 +111,9 @@ class StreamConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 1:
-            raise ValueError(f"StreamConfig: requests must be a positive int, got {self.requests!r}")
+        from lethe.eval.corpus import positive_ints
+
+        positive_ints(self, ("requests",))
         for f in ("duplicates", "partial", "passages"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -245,26 +246,16 @@ def load_requests(path, template: str = PROMPT, chunk_words: int = 24) -> list[R
     "id", "subjects" and "duplicate" (one boolean per chunk). Raises DataError naming the file and
     line for a malformed line, and for a missing or empty file."""
     p = Path(os.fspath(path))
-    if not p.is_file():
-        raise DataError(f"requests file {str(p)!r} {'is not a file' if p.exists() else 'does not exist'}")
     if "{q}" not in template:
         raise DataError(f"template {template!r} must contain {{q}}")
     out = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            try:
-                out.append(_request_from(row, where, template, chunk_words, len(out)))
-            except ValueError as e:
-                if isinstance(e, DataError):
-                    raise
-                raise DataError(f"{where}: {e}") from None
+    for where, row in jsonl_rows(p, "requests"):
+        try:
+            out.append(_request_from(row, where, template, chunk_words, len(out)))
+        except ValueError as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{where}: {e}") from None
     if not out:
         raise DataError(f"requests file {str(p)!r} holds no request")
     ids = [q.id for q in out]
