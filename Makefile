@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS_STAMP := $(VENV)/.deps4-$(subst =,-,$(TORCH_SPEC))
+DEPS_STAMP := $(VENV)/.deps5-$(subst =,-,$(TORCH_SPEC))
 # one stamp per build setting, so that changing LETHE_BUILD_CUDA, the archs or LETHE_DEBUG rebuilds
 BUILD_STAMP = build/.built-cuda$(LETHE_BUILD_CUDA)-$(subst ;,_,$(TORCH_CUDA_ARCH_LIST))-debug$(LETHE_DEBUG)
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
@@ -22,7 +22,8 @@ $(PY):
 $(DEPS_STAMP): $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install "$(TORCH_SPEC)" numpy ninja pytest pytest-benchmark transformers peft \
-	  tokenizers safetensors scipy scikit-learn rouge-score matplotlib tqdm curvlinops-for-pytorch
+	  tokenizers safetensors scipy scikit-learn rouge-score matplotlib tqdm curvlinops-for-pytorch \
+	  sentence-transformers
 	touch $@
 
 deps: $(DEPS_STAMP)

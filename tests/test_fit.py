@@ -351,3 +351,32 @@ def test_run_continual_writes_curves_and_resumes(bench, tmp_path):
     again = run_continual(out, ("fit",), bench=bench, every=15, retain_size=40, attacks=False, progress=False,
                           echo=said.append)
     assert again["mean"] == res["mean"] and any("done before, kept" in s for s in said)
+
+
+def test_fit_with_a_sentence_transformers_embedding(models, bench, stream, retain_examples, tmp_path):
+    """embedding= a sentence-transformers directory (the authors' SimCSE; here a tiny random BERT
+    built locally, nothing downloaded): FIT's embeddings are that model's, unit length, and an exact
+    repeat of an unlearnt request is found (similarity 1) and filtered by the second test."""
+    from sentence_transformers import SentenceTransformer, models as st_models
+    from transformers import BertConfig, BertModel
+    tok = bench.tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    SentenceTransformer(modules=[st_models.Transformer(str(tmp_path / "bert")), st_models.Pooling(32, "mean")],
+                        device="cpu").save(str(tmp_path / "st"))
+    fit = lm.make_method("fit", {"embedding": str(tmp_path / "st")}).bind(copy.deepcopy(models["target"]), tok,
+                                                                        retain=retain_examples[:50])
+    exs = list(stream[0].chunks)
+    e = fit.embed(exs, lm.encode(exs, tok))
+    ref = torch.nn.functional.normalize(torch.as_tensor(
+        SentenceTransformer(str(tmp_path / "st"), device="cpu").encode([x.text for x in exs])), dim=-1)
+    assert e.shape == (len(exs), 32) and torch.allclose(e, ref, atol=1e-5)
+    first = fit.handle(stream[0])
+    assert first["kept"] == len(exs) and first["update"] is not None
+    again = fit.handle(Request("again", stream[0].chunks))
+    assert min(again["similarity"]) > 0.999
+    # similar to the memory, so each repeat is kept only while the model still holds it (p > epsilon)
+    assert again["kept_mask"] == [p > lm.FITConfig().epsilon for p in again["answer_probability"]]
+    assert again["kept"] < len(exs)
