@@ -208,6 +208,11 @@ def test_fit_config_and_input_errors(models, bench, retain_examples, stream):
     fit = lm.make_method("fit").bind(copy.deepcopy(models["target"]), bench.tokenizer(), retain=retain_examples[:5])
     with pytest.raises(ValueError, match="empty"):
         fit.handle([])
+    # a text request (a passage split into sentence chunks) goes through the same steps
+    person = stream[0].subjects[0]
+    passage = " ".join(f"{person}: {qa.answer}" for qa in bench.corpus.person_facts[person][:4])
+    e = fit.handle(Request("passage", tuple(text_chunks(passage, chunk_words=8)), "text"))
+    assert e["chunks"] == 4 and e["kept"] == 4 and e["update"] in ("npo_rt", "npo", "random_label")
     with pytest.raises(ValueError, match="retain: method 'fit' needs a retain set"):
         lm.make_method("fit").bind(copy.deepcopy(models["target"]), bench.tokenizer())
     with pytest.raises(ValueError, match="is continual"):
