@@ -26,9 +26,7 @@ R_ref by more than that gap.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -250,12 +248,12 @@ def run_continual(out, methods=("fit", "npo", "graddiff"), *, bench=None, stream
     retain = examples_from_qas([qa for p in bench.corpus.people if p not in asked for qa in bench.corpus.person_facts[p]])
     from tqdm.auto import tqdm
 
-    curves, logs, attacked = {}, {}, {}
+    curves, attacked = {}, {}
     for name in methods:
         path = out / f"{name}.json"
         done = json.loads(path.read_text()) if path.exists() else {"checkpoints": []}
         if done.get("complete"):
-            curves[name], logs[name], attacked[name] = done["checkpoints"], done["requests"], done.get("attacks")
+            curves[name], attacked[name] = done["checkpoints"], done.get("attacks")
             echo(f"  {name}: done before, kept")
             continue
         model = load(bench.target)
@@ -271,7 +269,7 @@ def run_continual(out, methods=("fit", "npo", "graddiff"), *, bench=None, stream
                 _write(path, json.dumps({"checkpoints": pts, "requests": run.requests_log, "complete": False},
                                         indent=1).encode())
         bar.close()
-        curves[name], logs[name] = pts, run.requests_log
+        curves[name] = pts
         attacked[name] = stream_attacks(bench, stream, model, ev.retrained, retain_size) if attacks else None
         _write(path, json.dumps({"checkpoints": pts, "requests": run.requests_log, "attacks": attacked[name],
                                  "complete": True}, indent=1).encode())

@@ -622,8 +622,8 @@ def token_accuracy(hits: Any, mask: Any) -> np.ndarray:
     """Per example, the teacher-forced accuracy of the answer: the fraction of the valid tokens
     whose greedy next-token prediction (the argmax given the true prefix) is the answer's token.
     hits [B, T] (bool or 0/1: argmax == label), mask [B, T] -> [B] in [0, 1]."""
-    if hasattr(hits, "dtype") and str(hits.dtype) in ("torch.bool", "bool"):
-        hits = hits.to(dtype=__import__("torch").float64) if hasattr(hits, "to") else hits.astype(np.float64)
+    if hasattr(hits, "dtype") and str(hits.dtype) in ("torch.bool", "bool"):  # 0/1 as numbers
+        hits = hits.double() if hasattr(hits, "double") else np.asarray(hits, dtype=np.float64)
     h, m, count = _token_inputs(hits, mask)
     if not np.isin(h[m], (0.0, 1.0)).all():
         raise ValueError("hits must be 0/1 (or bool) on the masked tokens")

@@ -19,8 +19,10 @@ def add_parser(sub) -> None:
     per = " (default: the method's setting for the built-in benchmark, UnlearnConfig.for_method; else"
     u = sub.add_parser(
         "unlearn", help="unlearn a forget set from a model with one method",
-        description="Unlearns --forget from --model with --method and writes the unlearned model (a Hugging Face "
-                    "model directory with its tokenizer) and run.json (the settings and every step's losses) to --out. "
+        description="Unlearns --forget from --model with --method (or handles --requests, a stream of deletion "
+                    "requests, one at a time: fit, or a gradient method request by request) and writes the unlearned "
+                    "model (a Hugging Face model directory with its tokenizer) and run.json (the settings and every "
+                    "step's or request's log) to --out. "
                     f"Methods: {', '.join(available())}; a plug-in on a gradient method as BASE+PLUGIN (npo+gu, "
                     "graddiff+gu). The optimiser defaults are the built-in benchmark's tiny "
                     "model's: a real model wants its own --lr and --steps. A one-shot method (ssd, kfade) trains nothing "

@@ -17,8 +17,6 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 __all__ = ["ContinualMethod", "Sequential", "CONTINUAL_CHECKPOINT", "request_examples"]
@@ -77,7 +75,7 @@ class ContinualMethod:
                 "retain": None if self.retain is None else len(self.retain)}
 
     def _needs_retain(self) -> bool:
-        return False
+        return getattr(self, "uses_retain", False)
 
     def _save(self) -> None:
         if self.ckpt is None:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -140,13 +138,6 @@ class FIT(ContinualMethod, Method):
     name = "fit"
     Config = FITConfig
     uses_retain = True
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-    def _needs_retain(self) -> bool:
-        return True
 
     def bind(self, model, tokenizer, retain=None, checkpoint_dir=None, progress: bool = False):
         c = self.config
